@@ -1,0 +1,52 @@
+"""Companion package of the executable chapter "Training paradigms of multimodal models".
+
+Every algorithm the chapter teaches lives here exactly once; the notebooks import it.
+Names are imported lazily, so ``python -m companion book list`` starts without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # the shapes world (companion/world.py)
+    "WorldConfig": "companion.world",
+    "Scene": "companion.world",
+    "SceneObject": "companion.world",
+    "make_scenes": "companion.world",
+    "render_scene": "companion.world",
+    "scene_captions": "companion.world",
+    "make_task_sample": "companion.world",
+    "judge_answer": "companion.world",
+    "TASK_TYPES": "companion.world",
+    # LLaVA conversation format (companion/data/llava.py)
+    "load_llava_json": "companion.data.llava",
+    "save_llava_json": "companion.data.llava",
+    "validate_llava_records": "companion.data.llava",
+    "LlavaFormatError": "companion.data.llava",
+    # tokenizer (companion/tokenizer.py)
+    "train_tokenizer": "companion.tokenizer",
+    # contrastive losses (companion/losses/contrastive.py, tiled.py)
+    "info_nce_loss": "companion.losses.contrastive",
+    "siglip_loss": "companion.losses.contrastive",
+    "ClipLoss": "companion.losses.contrastive",
+    "tiled_info_nce_loss": "companion.losses.tiled",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'companion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
