@@ -1,0 +1,26 @@
+"""Command line: ``python -m companion book {list,run,html}``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m companion book {list,run,html} ...\n\n"
+              "  book list [--profile NAME]           chapters and their parameters\n"
+              "  book run [CHAPTER ...] [--profile NAME] [-p KEY=VALUE ...]\n"
+              "                                       execute chapters with papermill\n"
+              "  book html [--profile NAME]           render executed chapters to HTML")
+        return 0 if argv else 2
+    if argv[0] == "book":
+        from companion.book import main_book
+
+        return main_book(argv[1:])
+    print(f"unknown command {argv[0]!r}; try `python -m companion --help`", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

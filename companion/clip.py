@@ -1,0 +1,215 @@
+"""CLIP pre-training on the shapes world: caption data, the training step, evaluation.
+
+The loss functions live in :mod:`companion.losses.contrastive`; this module feeds them:
+it renders scenes, tokenises captions, samples batches and measures retrieval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from companion.evaluate import retrieval_metrics, zero_shot_classify
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns a model output whose pooler_output is the projection."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected image embeddings, (N, D), not normalised."""
+    return _pooled(model.get_image_features(pixel_values=pixel_values))
+
+
+def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Projected text embeddings (pooled at the eos token), (N, D), not normalised."""
+    return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+def tokenize_captions(tokenizer, texts: list[str], max_length: int = 64):
+    """``(input_ids, attention_mask)`` for a CLIP text tower, each (N, L).
+
+    CLIP pools the text at its end-of-sequence token, so every caption must end with one.
+    Tokenizers of real CLIP checkpoints add it themselves; the world's BPE does not, so
+    ``<s> ... </s>`` are added here.
+    """
+    probe = tokenizer("a")["input_ids"]
+    adds_eos = len(probe) > 0 and probe[-1] == tokenizer.eos_token_id
+    rows = []
+    for index, text in enumerate(texts):
+        if adds_eos:
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 2]
+            ids = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+        if not ids:
+            raise ValueError(f"caption {index} ({text!r}) encodes to no tokens")
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def pixel_values_for(processor, images) -> torch.Tensor:
+    """Run an image processor over PIL images in chunks; (N, 3, H, W) float tensor."""
+    chunks = []
+    for start in range(0, len(images), 256):
+        out = processor(images=list(images[start:start + 256]), return_tensors="pt")
+        chunks.append(out["pixel_values"])
+    return torch.cat(chunks)
+
+
+@dataclass
+class CaptionData:
+    """Scenes as CLIP training data.
+
+    pixel_values: (S, 3, H, W), one image per scene.
+    input_ids / attention_mask: (S, P, L), P caption phrasings per scene.
+    groups: (S,) id of the scene's canonical description; identical scenes share it, and a
+        retrieved caption counts as correct when its group matches.
+    """
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    groups: torch.Tensor
+    captions: list[list[str]]
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+    @property
+    def phrasings(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def build_caption_data(scenes, tokenizer, processor, render_size: int = 64,
+                       max_length: int = 64, groups_from: dict[str, int] | None = None) -> CaptionData:
+    """Render ``scenes`` and tokenise all their caption phrasings."""
+    from companion.world import canonical_caption, render_scene, scene_captions
+
+    if not scenes:
+        raise ValueError("build_caption_data got no scenes")
+    captions = [scene_captions(s) for s in scenes]
+    phrasings = min(len(c) for c in captions)
+    captions = [c[:phrasings] for c in captions]
+    flat = [text for c in captions for text in c]
+    ids, mask = tokenize_captions(tokenizer, flat, max_length)
+    ids = ids.view(len(scenes), phrasings, -1)
+    mask = mask.view(len(scenes), phrasings, -1)
+    pixels = pixel_values_for(processor, [render_scene(s, render_size) for s in scenes])
+    table = groups_from if groups_from is not None else {}
+    groups = []
+    for scene in scenes:
+        key = canonical_caption(scene)
+        groups.append(table.setdefault(key, len(table)))
+    return CaptionData(pixels, ids, mask, torch.tensor(groups), captions)
+
+
+def sample_batch(data: CaptionData, batch_size: int, step: int, seed: int = 0,
+                 phrasing: str = "random") -> dict[str, torch.Tensor]:
+    """A deterministic batch for ``step``: distinct scenes, one caption phrasing each.
+
+    ``phrasing="random"`` picks a phrasing per scene; ``"first"`` always the canonical one.
+    """
+    if batch_size > len(data):
+        raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} training scenes")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    scenes = torch.randperm(len(data), generator=generator)[:batch_size]          # [B]
+    if phrasing == "random":
+        which = torch.randint(data.phrasings, (batch_size,), generator=generator)  # [B]
+    else:
+        which = torch.zeros(batch_size, dtype=torch.long)
+    return {
+        "pixel_values": data.pixel_values[scenes],
+        "input_ids": data.input_ids[scenes, which],
+        "attention_mask": data.attention_mask[scenes, which],
+        "groups": data.groups[scenes],
+    }
+
+
+class ContrastiveModel(nn.Module):
+    """A CLIPModel plus the loss module that owns the learnable scale (and SigLIP's bias)."""
+
+    def __init__(self, clip, loss_module: nn.Module, multi_positive: bool = False):
+        super().__init__()
+        self.clip = clip
+        self.loss = loss_module
+        self.multi_positive = multi_positive
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        image = image_embeddings(self.clip, batch["pixel_values"])                 # [B, D]
+        text = text_embeddings(self.clip, batch["input_ids"], batch["attention_mask"])  # [B, D]
+        if self.multi_positive:
+            loss = self.loss(image.float(), text.float(), positive_ids=batch["groups"])
+        else:
+            loss = self.loss(image.float(), text.float())
+        scale = self.loss.logit_scale.detach().exp().clamp(max=100.0)
+        return loss, {"temperature": float(1.0 / scale)}
+
+
+@torch.no_grad()
+def embed_data(model, data: CaptionData, batch_size: int = 256, phrasing: int | None = None):
+    """Image embeddings (S, D) and text embeddings of every caption (S*P, D) or of one phrasing."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = torch.cat([
+        image_embeddings(model, data.pixel_values[i:i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(data), batch_size)])
+    if phrasing is None:
+        ids = data.input_ids.flatten(0, 1)
+        mask = data.attention_mask.flatten(0, 1)
+        groups = data.groups.repeat_interleave(data.phrasings)
+    else:
+        ids, mask, groups = data.input_ids[:, phrasing], data.attention_mask[:, phrasing], data.groups
+    texts = torch.cat([
+        text_embeddings(model, ids[i:i + batch_size].to(device),
+                        mask[i:i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(ids), batch_size)])
+    return images, texts, groups
+
+
+def evaluate_retrieval(model, data: CaptionData, phrasing: int | None = None) -> dict[str, float]:
+    """Held-out image→text and text→image R@1 and R@5 (same-description captions count)."""
+    images, texts, text_groups = embed_data(model, data, phrasing=phrasing)
+    return retrieval_metrics(images, texts, data.groups, text_groups)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, pixel_values: torch.Tensor, labels: torch.Tensor,
+                       class_prompts: list[list[str]], max_length: int = 64) -> float:
+    """Zero-shot classification accuracy with prompt ensembling.
+
+    class_prompts: for each class, several prompts whose normalised embeddings are averaged.
+    """
+    device = next(model.parameters()).device
+    prompts = [p for ps in class_prompts for p in ps]
+    counts = {len(ps) for ps in class_prompts}
+    if len(counts) != 1:
+        raise ValueError("every class needs the same number of prompts")
+    ids, mask = tokenize_captions(tokenizer, prompts, max_length)
+    texts = text_embeddings(model, ids.to(device), mask.to(device)).float().cpu()
+    texts = texts.view(len(class_prompts), counts.pop(), -1)              # [C, P, D]
+    images = image_embeddings(model, pixel_values.to(device)).float().cpu()  # [N, D]
+    predictions = zero_shot_classify(images, texts)
+    return (predictions == labels).float().mean().item()
+
+
+def similarity_matrix(model, batch, temperature: float | None = None) -> torch.Tensor:
+    """Cosine similarity (or logits if ``temperature``) of a batch's images and captions, (B, B)."""
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        image = F.normalize(image_embeddings(model, batch["pixel_values"].to(device)).float(), dim=-1)
+        text = F.normalize(text_embeddings(model, batch["input_ids"].to(device),
+                                           batch["attention_mask"].to(device)).float(), dim=-1)
+        sim = (image @ text.T).cpu()
+    return sim / temperature if temperature else sim
