@@ -119,7 +119,9 @@ def sample_batch(data: CaptionData, batch_size: int, step: int, seed: int = 0,
                  phrasing: str = "random") -> dict[str, torch.Tensor]:
     """A deterministic batch for ``step``: distinct scenes, one caption phrasing each.
 
-    ``phrasing="random"`` picks a phrasing per scene; ``"first"`` always the canonical one.
+    ``phrasing="random"`` picks a phrasing per scene; ``"first"`` always the canonical one;
+    an integer always that phrasing. ``caption_ids`` (B,) numbers identical caption texts
+    alike, for the multi-positive target.
     """
     if batch_size > len(data):
         raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} training scenes")
@@ -127,13 +129,21 @@ def sample_batch(data: CaptionData, batch_size: int, step: int, seed: int = 0,
     scenes = torch.randperm(len(data), generator=generator)[:batch_size]          # [B]
     if phrasing == "random":
         which = torch.randint(data.phrasings, (batch_size,), generator=generator)  # [B]
-    else:
+    elif phrasing == "first":
         which = torch.zeros(batch_size, dtype=torch.long)
+    elif isinstance(phrasing, int) and 0 <= phrasing < data.phrasings:
+        which = torch.full((batch_size,), phrasing, dtype=torch.long)
+    else:
+        raise ValueError(f"phrasing={phrasing!r}: use 'random', 'first' or an index below "
+                         f"{data.phrasings}")
+    mask = data.attention_mask[scenes, which]                                       # [B, L]
+    length = int(mask.sum(dim=1).max())  # trim padding every row of this batch shares
     return {
         "pixel_values": data.pixel_values[scenes],
-        "input_ids": data.input_ids[scenes, which],
-        "attention_mask": data.attention_mask[scenes, which],
+        "input_ids": data.input_ids[scenes, which][:, :length],
+        "attention_mask": mask[:, :length],
         "groups": data.groups[scenes],
+        "caption_ids": torch.unique(data.input_ids[scenes, which], dim=0, return_inverse=True)[1],
     }
 
 
@@ -150,7 +160,7 @@ class ContrastiveModel(nn.Module):
         image = image_embeddings(self.clip, batch["pixel_values"])                 # [B, D]
         text = text_embeddings(self.clip, batch["input_ids"], batch["attention_mask"])  # [B, D]
         if self.multi_positive:
-            loss = self.loss(image.float(), text.float(), positive_ids=batch["groups"])
+            loss = self.loss(image.float(), text.float(), positive_ids=batch["caption_ids"])
         else:
             loss = self.loss(image.float(), text.float())
         scale = self.loss.logit_scale.detach().exp().clamp(max=100.0)
@@ -213,3 +223,19 @@ def similarity_matrix(model, batch, temperature: float | None = None) -> torch.T
                                            batch["attention_mask"].to(device)).float(), dim=-1)
         sim = (image @ text.T).cpu()
     return sim / temperature if temperature else sim
+
+
+def zero_shot_prompts(shape: str) -> list[str]:
+    """Prompts for a zero-shot shape class: the canonical caption of a one-object scene with
+    that shape, for every colour, size and region (prompt ensembling)."""
+    from companion.world import COLORS, REGIONS, SIZES, Scene, SceneObject, canonical_caption
+
+    prompts = []
+    for color in COLORS:
+        for size in SIZES:
+            for region in REGIONS:
+                obj = SceneObject(shape=shape, color=color, size=size, region=region,
+                                  bbox=(0.0, 0.0, 0.0, 0.0))
+                prompts.append(canonical_caption(Scene(scene_id=-1, objects=(obj,), word=None,
+                                                       word_region=None)))
+    return prompts

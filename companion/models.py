@@ -59,7 +59,10 @@ def tiny_clip_config(tokenizer, sizes: TinyClipConfig | None = None):
 
 def tiny_image_processor(image_size: int):
     """A real ``CLIPImageProcessor`` for the world's images (saved beside the model)."""
-    from transformers import CLIPImageProcessor
+    try:  # transformers 5 without torchvision: the PIL backend (same numbers, no warning)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": image_size}, do_center_crop=True,

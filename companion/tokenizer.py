@@ -138,3 +138,46 @@ def encode_chat(tokenizer, conversations: list[dict]) -> dict:
     )
     return {"input_ids": list(encoded["input_ids"]),
             "assistant_mask": list(encoded["assistant_masks"])}
+
+
+def world_corpus(n_scenes: int = 2000, seed: int = 12345) -> list[str]:
+    """Text of the shapes world the tokenizer is trained on: every caption phrasing and
+    every turn of instruction samples of all six task types."""
+    from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, scene_captions
+
+    scenes = make_scenes(n_scenes, seed=seed)
+    texts = [caption for scene in scenes for caption in scene_captions(scene)]
+    records = make_instruction_dataset(scenes, tasks=TASK_TYPES, samples_per_scene=1, seed=seed)
+    texts += [turn["value"] for record in records for turn in record["conversations"]]
+    return texts
+
+
+def world_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 600,
+                    n_scenes: int = 2000, seed: int = 12345, log=print):
+    """The world's tokenizer, trained once and cached (keyed by its config)."""
+    from companion.artifacts import cached_artifact
+
+    config = {"kind": "world-bpe", "vocab_size": vocab_size, "n_scenes": n_scenes,
+              "seed": seed, "template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
+
+    def build(folder):
+        train_tokenizer(world_corpus(n_scenes, seed), vocab_size=vocab_size).save_pretrained(folder)
+
+    return load_tokenizer(cached_artifact(cache_dir, "tokenizer", config, build, log=log))
+
+
+def assistant_mask_html(tokenizer, encoded: dict) -> str:
+    """HTML of a tokenised conversation: tokens that carry loss green, the rest grey."""
+    from html import escape
+
+    spans = []
+    for token_id, in_loss in zip(encoded["input_ids"], encoded["assistant_mask"]):
+        text = tokenizer.decode([token_id]).replace("\n", "⏎")
+        colour = "#b7e4b0" if in_loss else "#e6e6e6"
+        spans.append(
+            f'<span style="background:{colour};margin:1px;padding:1px 2px;border-radius:3px;'
+            f'font-family:monospace;white-space:pre">{escape(text)}</span>')
+    legend = ('<p><span style="background:#b7e4b0;padding:1px 4px">assistant: label = token</span> '
+              '<span style="background:#e6e6e6;padding:1px 4px">everything else: label = -100'
+              '</span></p>')
+    return legend + '<div style="line-height:2">' + "".join(spans) + "</div>"

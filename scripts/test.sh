@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/bootstrap.sh test
-export MPLBACKEND=Agg PYTHONHASHSEED=0
+export PYTHONHASHSEED=0
 python -m pytest -n 2 --dist loadfile \
     --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
     tests notebooks "$@"

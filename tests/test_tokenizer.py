@@ -96,3 +96,12 @@ def test_errors(tmp_path, tokenizer):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"conversations\[1\]\['from'\] is 'bot'"):
         encode_chat(tokenizer, [CONVERSATION[0], {"from": "bot", "value": "x"}])
+
+
+def test_assistant_mask_html_colours_exactly_the_loss_tokens(tokenizer):
+    from companion.tokenizer import assistant_mask_html
+
+    enc = encode_chat(tokenizer, CONVERSATION)
+    html = assistant_mask_html(tokenizer, enc)
+    assert html.count("background:#b7e4b0;margin") == sum(enc["assistant_mask"])
+    assert html.count("background:#e6e6e6;margin") == len(enc["input_ids"]) - sum(enc["assistant_mask"])

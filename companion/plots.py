@@ -1,0 +1,130 @@
+"""Matplotlib figures of the chapter. Each returns the figure; titles and axes are labelled.
+
+The interactive widgets (:mod:`companion.widgets`) call these same functions, so every
+figure can also be drawn without ipywidgets (tests, papermill, static HTML).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def show_images(images, titles: Sequence[str] | None = None, columns: int = 4,
+                size: float = 2.6, suptitle: str | None = None, fontsize: int = 7):
+    """A grid of PIL images with wrapped titles."""
+    import textwrap
+
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * size, rows * (size + 1.0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, image in enumerate(images):
+        ax = axes.flat[i]
+        ax.imshow(image)
+        if titles is not None:
+            ax.set_title("\n".join(textwrap.wrap(titles[i], 34)), fontsize=fontsize)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_heatmap(similarity: torch.Tensor, title: str, ax=None,
+                       labels: Sequence[str] | None = None, vmin=None, vmax=None):
+    """The seed's N×N picture: rows are images, columns texts, the diagonal the positives."""
+    sim = similarity.detach().cpu().float().numpy()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    else:
+        fig = ax.figure
+    im = ax.imshow(sim, cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xlabel("text j")
+    ax.set_ylabel("image i")
+    ax.set_title(title)
+    n = sim.shape[0]
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    if labels is not None:
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    return fig
+
+
+def row_softmax(similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(s_ij / τ) over each row: the distribution InfoNCE's cross-entropy reads."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    return torch.softmax(similarity.double() / temperature, dim=1)
+
+
+def plot_row_softmax(similarity: torch.Tensor, temperature: float, rows: int = 4):
+    """Bars of softmax(row / τ) for the first ``rows`` images; the matching text in red."""
+    probs = row_softmax(similarity, temperature).numpy()
+    rows = min(rows, probs.shape[0])
+    fig, axes = plt.subplots(1, rows, figsize=(3.0 * rows, 2.6), sharey=True)
+    axes = np.atleast_1d(axes)
+    n = probs.shape[1]
+    for i, ax in enumerate(axes):
+        colours = ["tab:red" if j == i else "tab:gray" for j in range(n)]
+        ax.bar(range(n), probs[i], color=colours)
+        ax.set_title(f"image {i}: p(match) = {probs[i, i]:.2f}", fontsize=9)
+        ax.set_xlabel("text j")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("softmax probability")
+    fig.suptitle(f"Each row's softmax at temperature τ = {temperature:g} (red: the positive)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
+                xlabel: str = "step", ylabel: str = "loss", logy: bool = False, ax=None,
+                smooth: int = 1):
+    """Several named (x, y) curves on one axis; ``smooth`` is a moving-average window."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    else:
+        fig = ax.figure
+    for name, (x, y) in series.items():
+        y = np.asarray(y, dtype=float)
+        x = np.asarray(x)
+        if smooth > 1 and len(y) >= smooth:
+            kernel = np.ones(smooth) / smooth
+            y = np.convolve(y, kernel, mode="valid")
+            x = x[smooth - 1:]
+        ax.plot(x, y, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(values: dict[str, float], title: str, ylabel: str, ylim=(0, 1), ax=None,
+              fmt: str = "{:.2f}"):
+    """One bar per named value, the value written on top."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(values)), 3.2))
+    else:
+        fig = ax.figure
+    names = list(values)
+    bars = ax.bar(names, [values[n] for n in names], color="tab:blue")
+    for bar, name in zip(bars, names):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), fmt.format(values[name]),
+                ha="center", va="bottom", fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig

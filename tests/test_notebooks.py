@@ -1,0 +1,134 @@
+"""The notebooks as products and as regression tests.
+
+- committed notebooks are executed top to bottom with outputs (nbval compares against them);
+- each has a papermill ``parameters`` cell with a comment per parameter;
+- each agrees with its jupytext source (``notebooks/NAME.py``);
+- a corrupted stored output makes nbval fail;
+- every chapter runs through papermill with the ``smoke`` profile and writes its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from companion.book import load_book, parse_parameters_source, run_chapters
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = load_book(ROOT / "book.toml")
+CHAPTERS = {c.id: c for c in BOOK.chapters}
+COMMON_PARAMETERS = ("seed", "device", "threads", "output_dir", "cache_dir")
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("chapter_id", list(CHAPTERS))
+def test_committed_notebook_is_executed_in_order(chapter_id):
+    nb = nbformat.read(CHAPTERS[chapter_id].notebook, as_version=4)
+    cells = code_cells(nb)
+    counts = [c.execution_count for c in cells]
+    assert counts == list(range(1, len(cells) + 1)), (
+        f"{CHAPTERS[chapter_id].notebook.name}: execution counts {counts}; re-execute it "
+        "top to bottom before committing")
+    assert all(c.outputs for c in cells if "print(" in c.source), "a printing cell has no output"
+    errors = [o for c in cells for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"stored outputs contain an error: {errors[0].get('ename')}"
+
+
+@pytest.mark.parametrize("chapter_id", list(CHAPTERS))
+def test_parameters_cell_is_documented(chapter_id):
+    nb = nbformat.read(CHAPTERS[chapter_id].notebook, as_version=4)
+    first = code_cells(nb)[0]
+    assert "parameters" in first.metadata.get("tags", []), "first code cell must be 'parameters'"
+    params = parse_parameters_source(first.source)
+    for name in COMMON_PARAMETERS:
+        assert name in params, f"parameter {name!r} missing"
+    undocumented = [n for n, spec in params.items() if not spec["help"]]
+    assert not undocumented, f"parameters without a comment: {undocumented}"
+
+
+@pytest.mark.parametrize("chapter_id", list(CHAPTERS))
+def test_notebook_matches_its_jupytext_source(chapter_id):
+    jupytext = pytest.importorskip("jupytext")
+    path = CHAPTERS[chapter_id].notebook
+    source = path.with_suffix(".py")
+    assert source.is_file(), f"{source.name} (jupytext percent source) is missing"
+    paired = jupytext.read(source)
+    committed = nbformat.read(path, as_version=4)
+
+    def shape(nb):
+        return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+    assert shape(paired) == shape(committed), (
+        f"{path.name} and {source.name} differ: run `jupytext --sync {source}` and re-execute")
+
+
+def _first_checked_number(nb):
+    """(cell index, output index) of a stored stream output containing a digit."""
+    for ci, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
+            continue
+        tags = cell.metadata.get("tags", [])
+        if "nbval-ignore-output" in tags or "nbval-skip" in tags:
+            continue
+        for oi, out in enumerate(cell.outputs):
+            if out.output_type == "stream" and out.name == "stdout" and re.search(r"\d\.\d", out.text):
+                return ci, oi
+    raise AssertionError("no checked output with a decimal number to corrupt")
+
+
+@pytest.mark.notebook
+def test_nbval_catches_a_corrupted_output(tmp_path):
+    """Change one printed number in the stored outputs of 3.0: nbval must fail on that cell."""
+    source = CHAPTERS["3.0"].notebook
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    nb = nbformat.read(source, as_version=4)
+    ci, oi = _first_checked_number(nb)
+    text = nb.cells[ci].outputs[oi].text
+    match = re.search(r"\d\.\d", text)
+    digit = text[match.start() + 2]
+    corrupted = text[: match.start() + 2] + str((int(digit) + 1) % 10) + text[match.start() + 3:]
+    nb.cells[ci].outputs[oi].text = corrupted
+    target = work / source.name
+    nbformat.write(nb, target)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+         "--nbval-current-env", "--nbval-sanitize-with", str(ROOT / "tests/nbval_sanitize.cfg"),
+         str(target)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert proc.returncode != 0, "nbval passed on a corrupted output"
+    assert "1 failed" in proc.stdout, proc.stdout[-3000:]
+    assert corrupted.strip().splitlines()[0][:20] in proc.stdout or "mismatch" in proc.stdout.lower()
+
+
+SMOKE_EXPECTATIONS = {
+    # chapter id -> metric keys that the smoke run must write (finite numbers)
+    "3.0": ["n_scenes", "judge_reference_accuracy", "tokenizer_vocab_size"],
+    "3.1.1": ["heldout_i2t_R@1", "initial_i2t_R@1", "final_temperature"],
+}
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter_id", list(CHAPTERS))
+def test_chapter_runs_with_smoke_profile(chapter_id, tmp_path):
+    book = load_book(ROOT / "book.toml")
+    book.build_dir = tmp_path / "build"
+    book.cache_dir = tmp_path / "cache"
+    results = run_chapters(book, [chapter_id], "smoke", progress=False, log=lambda *_: None)
+    assert results[0].metrics_file is not None, f"chapter {chapter_id} wrote no metrics"
+    metrics = json.loads(results[0].metrics_file.read_text())
+    for key in SMOKE_EXPECTATIONS.get(chapter_id, []):
+        assert key in metrics, f"chapter {chapter_id}: metric {key!r} missing"
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), key
