@@ -196,7 +196,8 @@ def evaluate_retrieval(model, data: CaptionData, phrasing: int | None = None) ->
 
 @torch.no_grad()
 def zero_shot_accuracy(model, tokenizer, pixel_values: torch.Tensor, labels: torch.Tensor,
-                       class_prompts: list[list[str]], max_length: int = 64) -> float:
+                       class_prompts: list[list[str]], max_length: int = 64,
+                       reduction: str = "mean") -> float:
     """Zero-shot classification accuracy with prompt ensembling.
 
     class_prompts: for each class, several prompts whose normalised embeddings are averaged.
@@ -210,7 +211,7 @@ def zero_shot_accuracy(model, tokenizer, pixel_values: torch.Tensor, labels: tor
     texts = text_embeddings(model, ids.to(device), mask.to(device)).float().cpu()
     texts = texts.view(len(class_prompts), counts.pop(), -1)              # [C, P, D]
     images = image_embeddings(model, pixel_values.to(device)).float().cpu()  # [N, D]
-    predictions = zero_shot_classify(images, texts)
+    predictions = zero_shot_classify(images, texts, reduction=reduction)
     return (predictions == labels).float().mean().item()
 
 

@@ -61,15 +61,23 @@ def retrieval_metrics(
 
 
 def zero_shot_classify(
-    image_embeddings: torch.Tensor, class_text_embeddings: torch.Tensor
+    image_embeddings: torch.Tensor, class_text_embeddings: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Predicted class per image: the class whose (prompt-averaged) text embedding is closest.
+    """Predicted class per image from text prompts.
 
-    image_embeddings: (N, D); class_text_embeddings: (C, P, D) with P prompts per class
-    (prompt ensembling, as CLIP does with its 80 templates) or (C, D).
+    image_embeddings: (N, D); class_text_embeddings: (C, P, D) with P prompts per class, or
+    (C, D). ``reduction="mean"`` averages each class's normalised prompt embeddings (CLIP's
+    prompt ensembling over its 80 templates); ``"max"`` scores a class by its best prompt.
     """
-    if class_text_embeddings.ndim == 3:
-        class_text_embeddings = F.normalize(class_text_embeddings.float(), dim=-1).mean(dim=1)
-    classes = F.normalize(class_text_embeddings.float(), dim=-1)      # [C, D]
     images = F.normalize(image_embeddings.float(), dim=-1)            # [N, D]
-    return (images @ classes.T).argmax(dim=1)                          # [N]
+    if class_text_embeddings.ndim == 2:
+        class_text_embeddings = class_text_embeddings[:, None]        # [C, 1, D]
+    prompts = F.normalize(class_text_embeddings.float(), dim=-1)      # [C, P, D]
+    if reduction == "mean":
+        classes = F.normalize(prompts.mean(dim=1), dim=-1)            # [C, D]
+        return (images @ classes.T).argmax(dim=1)                      # [N]
+    if reduction == "max":
+        scores = torch.einsum("nd,cpd->ncp", images, prompts)          # [N, C, P]
+        return scores.amax(dim=2).argmax(dim=1)                        # [N]
+    raise ValueError(f"reduction={reduction!r}: use 'mean' or 'max'")
