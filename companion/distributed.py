@@ -39,7 +39,7 @@ from companion.losses.contrastive import (
     info_nce_loss,
 )
 
-__all__ = ["gather_with_grad", "distributed_info_nce_loss", "is_distributed"]
+__all__ = ["distributed_info_nce_loss", "gather_with_grad", "is_distributed"]
 
 
 def is_distributed() -> bool:

@@ -128,3 +128,35 @@ def plot_bars(values: dict[str, float], title: str, ylabel: str, ylim=(0, 1), ax
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_loss_memory(results: list[dict], title: str = "Contrastive loss at CLIP batch sizes"):
+    """Loss memory and time against batch size N for the plain and tiled InfoNCE.
+
+    ``results``: the rows of ``benchmarks/results/contrastive_loss_memory.json`` (method, n,
+    loss_mib, time_s; rows with ``skipped`` are drawn as missing).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    styles = {"plain": "o-", "tiled": "s-", "gemm_floor": "^--"}
+    for method, style in styles.items():
+        rows = sorted((r for r in results if r["method"] == method and "skipped" not in r),
+                      key=lambda r: r["n"])
+        if not rows:
+            continue
+        n = [r["n"] for r in rows]
+        if method != "gemm_floor":
+            axes[0].plot(n, [r["loss_mib"] for r in rows], style, label=method)
+        axes[1].plot(n, [r["time_s"] for r in rows], style,
+                     label="GEMM floor" if method == "gemm_floor" else method)
+    for ax, ylabel, name in ((axes[0], "loss memory (MiB)", "Memory of the loss"),
+                             (axes[1], "forward + backward (s)", "Time")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

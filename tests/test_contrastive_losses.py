@@ -203,6 +203,12 @@ def test_clip_loss_clamp_survives_huge_gradients():
     assert module.logit_scale.item() == 0.0  # scale 1, temperature 1
 
 
+def test_clip_loss_normalize_passthrough():
+    x, y = _features(n=4, d=3, seed=15, dtype=torch.float32)
+    expected = info_nce_loss(x, y, 0.07, normalize=False)
+    assert ClipLoss(normalize=False)(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_clip_loss_multi_positive_passthrough():
     module = ClipLoss()
     x, y = _features(n=4, d=3, seed=11, dtype=torch.float32)

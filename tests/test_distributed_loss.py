@@ -139,6 +139,6 @@ def test_torchrun_demo_reports_agreement():
         "-m",
         "companion.distributed",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout and "|loss difference|" in proc.stdout

@@ -18,7 +18,8 @@ def test_environment_yml_mirrors_pyproject():
     for extra in project["optional-dependencies"].values():
         wanted |= {_name(r) for r in extra}
     listed = set()
-    for line in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    for line in text[text.index("dependencies:"):].splitlines():
         match = re.match(r"^\s+-\s+([A-Za-z0-9_.\-]+)", line)
         if match and match.group(1) not in ("pip", "python", "-e"):
             listed.add(match.group(1).lower())

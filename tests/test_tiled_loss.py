@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import companion.losses.tiled as tiled
 from companion import info_nce_loss, tiled_info_nce_loss
+from companion.losses import tiled
 
 F64 = torch.float64
 
@@ -68,10 +68,13 @@ def test_gradcheck_small_case():
     )
 
 
+@pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("fast", [True, False])
-def test_both_kernel_paths_match(monkeypatch, fast):
-    """Force the one-exp fast path or the per-row/column safe path; both are exact in float64."""
+def test_both_kernel_paths_match(monkeypatch, fast, shift):
+    """Force the one-exp fast path or the per-row/column safe path, with or without the
+    per-strip max shift; all are exact in float64."""
     monkeypatch.setattr(tiled, "_fast_path_accurate", lambda *args: fast)
+    monkeypatch.setattr(tiled, "_needs_shift", lambda *args: shift)
     x, y = _features(50, seed=5)
     temperature = torch.tensor(0.05, dtype=F64)
     plain, plain_grads = _value_and_grads(info_nce_loss, x, y, temperature)

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "info_nce_loss",
-    "contrastive_logits",
-    "multi_positive_targets",
-    "siglip_loss",
     "ClipLoss",
     "SiglipLoss",
+    "contrastive_logits",
+    "info_nce_loss",
+    "multi_positive_targets",
+    "siglip_loss",
 ]
 
 
@@ -242,11 +242,11 @@ class ClipLoss(nn.Module):
     The scale ``s = exp(logit_scale)`` starts at ``1/temperature`` (1/0.07 ≈ 14.3, CLIP) and
     is clamped to ``s <= max_scale`` (100) in ``forward``. Call ``clamp_()`` after each
     optimiser step, as open_clip does, so the parameter itself stays in ``[0, ln max_scale]``
-    and does not drift where the forward clamp would stop its gradient.
+    and does not drift where the forward clamp would stop its gradient. ``normalize`` is passed
+    to ``info_nce_loss`` (``False`` shows what skipping the L2 normalisation does).
     """
 
-    def __init__(self, temperature: float = 0.07, max_scale: float = 100.0,
-                 normalize: bool = True):
+    def __init__(self, temperature: float = 0.07, max_scale: float = 100.0, normalize: bool = True):
         super().__init__()
         self.normalize = normalize
         _check_positive_scalar(temperature, "temperature")
@@ -282,7 +282,10 @@ class ClipLoss(nn.Module):
     ) -> torch.Tensor:
         """Loss of [N, D] image and text features (see ``info_nce_loss``)."""
         return info_nce_loss(
-            image_features, text_features, 1.0 / self.scale, normalize=self.normalize,
+            image_features,
+            text_features,
+            1.0 / self.scale,
+            normalize=self.normalize,
             positive_ids=positive_ids,
         )
 

@@ -43,7 +43,7 @@ import torch
 
 from companion.losses.contrastive import _as_scalar, _check_features, _check_positive_scalar
 
-__all__ = ["tiled_info_nce_loss", "DEFAULT_TILE_SIZE"]
+__all__ = ["DEFAULT_TILE_SIZE", "tiled_info_nce_loss"]
 
 # Rows per strip. Measured on 2 CPU cores, D=256 (benchmarks/contrastive_loss_memory.py):
 # 256 balances matmul efficiency against the strip buffers staying in cache.
@@ -119,31 +119,53 @@ def _inverse(norms: torch.Tensor | None) -> torch.Tensor | None:
     return None if norms is None else norms.clamp_min(_NORM_EPS).reciprocal_()
 
 
-def _rows(x, factors, start, stop, dtype):
-    """Rows start:stop of x times a per-row factor, in the compute dtype [t, D].
-
-    One elementwise op (it also casts half-precision rows up): few ops per strip matter
-    when the cores are shared, since every parallel op waits for all its threads.
-    """
+def _scaled_rows(x, factors, dtype):
+    """x [N, D] times a per-row factor [N] (or just cast when ``factors`` is None), one op."""
     if factors is None:
-        return x[start:stop].to(dtype)
-    return x[start:stop] * factors[start:stop, None]  # promotes to the factors' dtype
+        return x.to(dtype)
+    return x * factors[:, None]  # [N, D], promotes half precision to the factors' dtype
+
+
+def _scaled_inverse(norms, scale, n):
+    """Per-row factor [N] that turns x_i into s·x̂_i: s/max(‖x_i‖, eps), or s without norms."""
+    return scale.expand(n) if norms is None else _inverse(norms).mul_(scale)
+
+
+# Largest |S| that needs no shift before exp: e^60·N stays finite in float32 for N < e^28,
+# and e^−60 is a normal float32 with full precision.
+_NO_SHIFT_BOUND = 60.0
+
+
+def _needs_shift(sxh, yh) -> bool:
+    """Whether |S_ij| <= max‖s·x̂_i‖·max‖ŷ_j‖ may exceed ``_NO_SHIFT_BOUND`` (one host sync).
+
+    Below the bound (e.g. CLIP's initial s ≈ 14.3 on unit rows) each strip is exponentiated
+    as is, which saves a max and a subtraction per strip.
+    """
+    bound = torch.linalg.vector_norm(sxh, dim=1).max() * torch.linalg.vector_norm(yh, dim=1).max()
+    return float(bound) > _NO_SHIFT_BOUND
 
 
 class _TiledInfoNCE(torch.autograd.Function):
-    """loss = InfoNCE(x, y, scale) for x, y [N, D] (normalised inside) and a 0-d scale."""
+    """loss = InfoNCE(x, y, scale) for x, y [N, D] (normalised inside) and a 0-d scale.
+
+    Per strip the forward issues 4 large ops (mm, exp, row sum, column sum) and the backward
+    6 (mm, outer sum, exp, product, two mm): few parallel regions, which matters on shared
+    cores, where each one waits for all its threads.
+    """
 
     @staticmethod
     def forward(ctx, x, y, scale, tile_size, normalize):
         dtype, n = scale.dtype, x.shape[0]
         norm_x, norm_y = _row_norms(x, normalize, dtype), _row_norms(y, normalize, dtype)
-        yh = _rows(y, _inverse(norm_y), 0, n, dtype)  # [N, D], ŷ: the only full-size copy
-        factor_x = _scaled_inverse(norm_x, scale, n)  # [N], s/‖x_i‖: rows s·x̂_i in one op
-        r, c, diag, shifts, fast = _row_col_lse(x, factor_x, yh, tile_size)
+        yh = _scaled_rows(y, _inverse(norm_y), dtype)  # [N, D], ŷ
+        sxh = _scaled_rows(x, _scaled_inverse(norm_x, scale, n), dtype)  # [N, D], s·x̂
+        shift = _needs_shift(sxh, yh)
+        r, c, diag, shifts, fast = _row_col_lse(sxh, yh, tile_size, shift)
         loss = (r.sum() + c.sum() - 2 * diag.sum()) / (2 * n)
         ctx.save_for_backward(x, y, scale, r, c, shifts, norm_x, norm_y)
-        ctx.tile_size, ctx.fast = tile_size, fast
-        return loss
+        ctx.tile_size, ctx.fast, ctx.shift = tile_size, fast, shift
+        return loss  # ŷ and s·x̂ are freed here and recomputed in backward
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -154,11 +176,11 @@ class _TiledInfoNCE(torch.autograd.Function):
             )
         x, y, scale, r, c, shifts, norm_x, norm_y = ctx.saved_tensors
         dtype, n, tile = scale.dtype, x.shape[0], ctx.tile_size
-        yh = _rows(y, _inverse(norm_y), 0, n, dtype)  # [N, D], ŷ recomputed rather than kept
-        factor_x = _scaled_inverse(norm_x, scale, n)  # [N]
+        yh = _scaled_rows(y, _inverse(norm_y), dtype)  # [N, D], ŷ
+        sxh = _scaled_rows(x, _scaled_inverse(norm_x, scale, n), dtype)  # [N, D], s·x̂
         # gx = Σ_j (p_ij + q_ij) ŷ_j,  gy = Σ_i (p_ij + q_ij) s·x̂_i   [N, D] each
-        gx, gy = _strip_gradients(x, factor_x, yh, r, c, shifts, tile, ctx.fast)
-        dot = _finish_gradients_(gx, gy, x, factor_x, yh, scale, norm_x, norm_y, tile)
+        gx, gy = _strip_gradients(sxh, yh, r, c, shifts, tile, ctx.fast, ctx.shift)
+        dot = _finish_gradients_(gx, gy, sxh, yh, scale, norm_x, norm_y, tile)
         g = grad_loss.to(dtype) / (2 * n)
         grad_scale = g * dot if ctx.needs_input_grad[2] else None
         grad_x = gx.mul_(g * scale).to(x.dtype) if ctx.needs_input_grad[0] else None
@@ -166,16 +188,11 @@ class _TiledInfoNCE(torch.autograd.Function):
         return grad_x, grad_y, grad_scale, None, None
 
 
-def _scaled_inverse(norms, scale, n):
-    """Per-row factor [N] that turns x_i into s·x̂_i: s/max(‖x_i‖, eps), or s without norms."""
-    return scale.expand(n) if norms is None else _inverse(norms).mul_(scale)
-
-
 # Rows per chunk when finishing the gradients (T×D-sized temporaries; bigger chunks = fewer ops).
 _FINISH_ROWS = 4096
 
 
-def _finish_gradients_(gx, gy, x, factor_x, yh, scale, norm_x, norm_y, tile):
+def _finish_gradients_(gx, gy, sxh, yh, scale, norm_x, norm_y, tile):
     """In place: add the diagonal term and chain through the L2 normalisation; returns ∂L/∂s·2N.
 
     On entry ``gx = Σ_j (p+q)_ij ŷ_j`` and ``gy = Σ_i (p+q)_ij s·x̂_i``. On exit ``gx`` is
@@ -184,32 +201,32 @@ def _finish_gradients_(gx, gy, x, factor_x, yh, scale, norm_x, norm_y, tile):
     projection for rows shorter than eps (those were divided by the constant eps, as in
     F.normalize's autograd).
     """
-    n = x.shape[0]
+    n = gx.shape[0]
     dot = torch.zeros((), dtype=gx.dtype, device=gx.device)  # Σ_i s·x̂_i·(Σ_j G_ij ŷ_j)
     inv_x, inv_y = _inverse(norm_x), _inverse(norm_y)  # [N] or None
     for start, stop in _strips(n, max(tile, _FINISH_ROWS)):
-        sxh = _rows(x, factor_x, start, stop, gx.dtype)  # [t, D], s·x̂_i
+        sxh_rows, yh_rows = sxh[start:stop], yh[start:stop]  # [t, D] views
         gx_rows, gy_rows = gx[start:stop], gy[start:stop]  # [t, D] views
-        gx_rows.sub_(yh[start:stop], alpha=2)  # Σ_j G_ij ŷ_j, with the −2δ_ij term
-        gy_rows.sub_(sxh, alpha=2)  # Σ_i G_ij s·x̂_i
-        proj_x = torch.linalg.vecdot(sxh, gx_rows)  # [t], s·x̂_i·(Σ_j G_ij ŷ_j)
+        gx_rows.sub_(yh_rows, alpha=2)  # Σ_j G_ij ŷ_j, with the −2δ_ij term
+        gy_rows.sub_(sxh_rows, alpha=2)  # Σ_i G_ij s·x̂_i
+        proj_x = torch.linalg.vecdot(sxh_rows, gx_rows)  # [t], s·x̂_i·(Σ_j G_ij ŷ_j)
         dot += proj_x.sum()
         if inv_x is not None:  # x̂ (x̂·g) = sxh·proj_x / s²
             coef = proj_x * (norm_x[start:stop] >= _NORM_EPS) / (-scale * scale)  # [t]
-            gx_rows.addcmul_(sxh, coef[:, None]).mul_(inv_x[start:stop, None])
+            gx_rows.addcmul_(sxh_rows, coef[:, None]).mul_(inv_x[start:stop, None])
         if inv_y is not None:
-            yh_rows = yh[start:stop]  # [t, D]
             proj_y = torch.linalg.vecdot(yh_rows, gy_rows)  # [t]
             coef = -proj_y * (norm_y[start:stop] >= _NORM_EPS)  # [t]
             gy_rows.addcmul_(yh_rows, coef[:, None]).mul_(inv_y[start:stop, None])
     return dot / scale
 
 
-def _row_col_lse(x, factor_x, yh, tile):
-    """Row and column log-sum-exp of S = s·x̂·ŷᵀ, one strip of rows at a time.
+def _row_col_lse(sxh, yh, tile, shift):
+    """Row and column log-sum-exp of S = (s·x̂)·ŷᵀ, one strip of rows at a time.
 
-    Returns r [N], c [N], the diagonal S_ii [N], the shift used for each strip [strips], and
-    whether the one-exp fast path was accurate (else r and c were recomputed on the safe path).
+    Returns r [N], c [N], the diagonal S_ii [N], the shift used for each strip [strips] (its
+    maximum, or 0 when ``shift`` is False), and whether the one-exp fast path was accurate
+    (else r and c were recomputed on the safe path).
     """
     n, dtype, device = yh.shape[0], yh.dtype, yh.device
     buf = torch.empty(min(tile, n), n, dtype=dtype, device=device)  # [T, N] strip
@@ -217,12 +234,15 @@ def _row_col_lse(x, factor_x, yh, tile):
     c = torch.full((n,), -math.inf, dtype=dtype, device=device)  # [N]
     diag = torch.empty(n, dtype=dtype, device=device)  # [N]
     ones = torch.ones(min(tile, n), dtype=dtype, device=device)  # [T]
+    zero = torch.zeros((), dtype=dtype, device=device)
     shifts = []
     for start, stop in _strips(n, tile):
-        s = _scores(x, factor_x, yh, start, stop, buf)  # [t, N], S rows
+        s = torch.mm(sxh[start:stop], yh.T, out=buf[: stop - start])  # [t, N], S rows
         diag[start:stop] = s.diagonal(offset=start)  # [t], S_ii before s is overwritten
-        m = s.max()  # 0-d, strip maximum
-        s.sub_(m).exp_()  # [t, N], exp(S − m) <= 1
+        m = s.max() if shift else zero  # 0-d, strip maximum
+        if shift:
+            s.sub_(m)
+        s.exp_()  # [t, N], exp(S − m)
         r[start:stop] = s.sum(dim=1).log_().add_(m)  # [t], whole rows: final
         col = torch.mv(s.T, ones[: stop - start])  # [N], column sums (gemv beats sum(dim=0))
         torch.logaddexp(c, col.log_().add_(m), out=c)  # [N], merge columns
@@ -233,15 +253,10 @@ def _row_col_lse(x, factor_x, yh, tile):
     # Safe path: exact max shift per row and per column of each strip (two exps).
     c.fill_(-math.inf)
     for start, stop in _strips(n, tile):
-        s = _scores(x, factor_x, yh, start, stop, buf)  # [t, N]
+        s = torch.mm(sxh[start:stop], yh.T, out=buf[: stop - start])  # [t, N]
         r[start:stop] = torch.logsumexp(s, dim=1)  # [t]
         torch.logaddexp(c, torch.logsumexp(s, dim=0), out=c)  # [N]
     return r, c, diag, shifts, False
-
-
-def _scores(x, factor_x, yh, start, stop, buf):
-    """Strip S = (s·x̂_rows)·ŷᵀ [t, N], written into ``buf``."""
-    return torch.mm(_rows(x, factor_x, start, stop, yh.dtype), yh.T, out=buf[: stop - start])
 
 
 def _fast_path_accurate(r, c, shifts, n, tile) -> bool:
@@ -263,27 +278,29 @@ def _fast_path_accurate(r, c, shifts, n, tile) -> bool:
     return worst <= limit
 
 
-def _strip_gradients(x, factor_x, yh, r, c, shifts, tile, fast):
+def _strip_gradients(sxh, yh, r, c, shifts, tile, fast, shift):
     """Σ_j (p_ij + q_ij) ŷ_j [N, D] and Σ_i (p_ij + q_ij) s·x̂_i [N, D], strip by strip."""
     n, dtype = yh.shape[0], yh.dtype
     buf = torch.empty(min(tile, n), n, dtype=dtype, device=yh.device)  # [T, N]
     buf2 = torch.empty_like(buf)  # [T, N] second strip buffer
     gx = torch.empty_like(yh)  # [N, D]
     gy = torch.zeros_like(yh)  # [N, D]
+    col_factor = (-c).exp_() if fast and not shift else None  # [N], e^{−c_j} (m = 0)
     for k, (start, stop) in enumerate(_strips(n, tile)):
-        sxh = _rows(x, factor_x, start, stop, dtype)  # [t, D], s·x̂_i
-        s = torch.mm(sxh, yh.T, out=buf[: stop - start])  # [t, N], S rows
+        s = torch.mm(sxh[start:stop], yh.T, out=buf[: stop - start])  # [t, N], S rows
         w = buf2[: stop - start]  # [t, N]
         if fast:
             m = shifts[k]
             # p + q = exp(S − m) · (e^{m − r_i} + e^{m − c_j}): one exp per element
             a = (m - r[start:stop]).exp_()  # [t]
-            b = (m - c).exp_()  # [N]
+            b = (m - c).exp_() if shift else col_factor  # [N]
             torch.add(a[:, None], b[None, :], out=w)  # [t, N]
-            s.sub_(m).exp_().mul_(w)  # [t, N], G without the diagonal
+            if shift:
+                s.sub_(m)
+            s.exp_().mul_(w)  # [t, N], G without the diagonal
         else:
             torch.sub(s, c[None, :], out=w).exp_()  # [t, N], q
             s.sub_(r[start:stop, None]).exp_().add_(w)  # [t, N], p + q
         torch.mm(s, yh, out=gx[start:stop])  # [t, D]
-        gy.addmm_(s.T, sxh)  # [N, D]
+        gy.addmm_(s.T, sxh[start:stop])  # [N, D]
     return gx, gy
