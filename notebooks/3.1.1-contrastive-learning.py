@@ -391,11 +391,47 @@ print(f"SigLIP's learned scale {float(sig_hist_module.logit_scale.exp()):.1f}, "
       f"bias {float(sig_hist_module.logit_bias):.2f}")
 
 # %% [markdown]
-# SigLIP starts with the bias at −10, so every cell starts out as a confident "no match" and
-# the N − 1 negatives per row cost almost nothing; the positives must pull the scores up
-# before retrieval improves. In a short run that start can matter more than the choice of
-# loss: compare the numbers above, and rerun with a larger `experiment_steps` to see whether
-# the gap closes.
+# SigLIP starts with the bias at −10, so every cell starts out as a confident "no match".
+# That prior comes from the paper's batches of tens of thousands, where a cell is a positive
+# with probability about 1/32,000 (log-odds ≈ −10). In a batch of 64 the prior log-odds of a
+# positive are log(1/63) ≈ −4.1, so the start is far off and the short run above spends its
+# steps climbing out of it: compare the numbers, and rerun with a larger `experiment_steps`
+# (or `SiglipLoss(bias=-4.0)`) to see whether the gap closes.
+#
+# ## CLIP's batch sizes on one machine: the tiled loss
+#
+# The plain loss holds the N×N logit matrix, its softmax and its gradient: memory grows with
+# N². `tiled_info_nce_loss` computes the same value and gradients one strip of rows at a
+# time, merging log-sum-exps, and recomputes each strip in the backward pass, so its memory
+# grows with N only. `benchmarks/contrastive_loss_memory.py` measures both (each size in its
+# own process, D = 256) together with the time the unavoidable matrix products take (the
+# GEMM floor); its saved results:
+
+# %%
+import json
+from pathlib import Path
+
+from companion import tiled_info_nce_loss
+from companion.plots import plot_loss_memory
+
+bench = json.loads(Path("../benchmarks/results/contrastive_loss_memory.json").read_text())
+for row in bench["results"]:
+    if "skipped" in row:
+        print(f"{row['method']:>10} N={row['n']:>6}: skipped ({row['skipped']})")
+    else:
+        print(f"{row['method']:>10} N={row['n']:>6}: {row['time_s']:6.2f} s, "
+              f"loss memory {row['loss_mib']:7.1f} MiB, peak {row['peak_mib']:7.1f} MiB")
+fig = plot_loss_memory(bench["results"])
+
+# %% [markdown]
+# And on a live batch, the tiled loss agrees with the plain one:
+
+# %%
+g = torch.Generator().manual_seed(seed)
+x, y = torch.randn(1000, 64, generator=g), torch.randn(1000, 64, generator=g)
+plain_value = info_nce_loss(x, y, 0.07).item()
+tiled_value = tiled_info_nce_loss(x, y, 0.07, tile_size=128).item()
+print(f"plain {plain_value:.6f}, tiled {tiled_value:.6f} (N = 1000, tiles of 128 rows)")
 #
 # ## Summary
 #
