@@ -311,6 +311,14 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to metrics JSON")
 
 
+def _shown(path: Path, book: Book) -> str:
+    """``path`` relative to the book's folder when it lies inside it, else absolute."""
+    try:
+        return str(path.relative_to(book.path.parent))
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class RunResult:
     chapter: Chapter
@@ -365,8 +373,8 @@ def run_chapters(
         seconds = time.perf_counter() - start
         metrics = metrics_path(run_dir, chapter.id)
         metrics_file = metrics if metrics.is_file() else None
-        log(f"      done in {seconds:.1f} s -> {out.relative_to(book.path.parent)}"
-            + (f", metrics {metrics.relative_to(book.path.parent)}" if metrics_file else ""))
+        log(f"      done in {seconds:.1f} s -> {_shown(out, book)}"
+            + (f", metrics {_shown(metrics, book)}" if metrics_file else ""))
         results.append(RunResult(chapter, out, metrics_file, seconds))
     return results
 
@@ -398,10 +406,10 @@ def render_html(book: Book, profile: str = "default", *, committed: bool = False
         page = html_dir / f"{chapter.stem}.html"
         page.write_text(body, encoding="utf-8")
         entries.append((chapter, page.name))
-        log(f"  {chapter.id}: {page.relative_to(book.path.parent)}")
+        log(f"  {chapter.id}: {_shown(page, book)}")
     index = html_dir / "index.html"
     index.write_text(_index_page(book, entries, profile, committed), encoding="utf-8")
-    log(f"contents page: {index.relative_to(book.path.parent)}")
+    log(f"contents page: {_shown(index, book)}")
     return index
 
 

@@ -187,3 +187,14 @@ def test_real_book_profiles_are_valid():
     book = load_book()
     assert {"default", "smoke", "gpu"} <= set(book.profiles)
     assert len({c.id for c in book.chapters}) == len(book.chapters)
+
+
+def test_build_dir_outside_the_book_folder(tmp_path):
+    """The tests run chapters into a temporary build folder; logging must not assume it is
+    inside the project."""
+    book = load_book(write_book(tmp_path / "project"))
+    book.build_dir = tmp_path / "elsewhere" / "build"
+    logs = []
+    results = bookmod.run_chapters(book, None, "smoke", progress=False, log=logs.append)
+    assert results[0].output_notebook.is_file()
+    assert str(tmp_path / "elsewhere") in logs[-1]

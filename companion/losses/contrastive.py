@@ -93,34 +93,29 @@ def _check_features(
             )
 
 
-def _check_positive_scalar(value, name: str) -> None:
-    """Raise unless ``value`` is a finite number > 0 (a Python float or a 1-element tensor)."""
+def _scalar_value(value, name: str) -> float:
+    """``value`` (a Python float or a 1-element tensor) as a float; TypeError otherwise."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
                 f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}"
             )
-        number = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+
+
+def _check_positive_scalar(value, name: str) -> None:
+    """Raise unless ``value`` is a finite number > 0 (a Python float or a 1-element tensor)."""
+    number = _scalar_value(value, name)
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be finite and > 0, got {number}")
 
 
 def _check_finite_scalar(value, name: str) -> None:
     """Raise unless ``value`` is a finite number (a Python float or a 1-element tensor)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}"
-            )
-        number = float(value.detach())
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    number = _scalar_value(value, name)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number}")
 
