@@ -50,7 +50,16 @@ _EXPORTS = {
     "info_nce_loss": "companion.losses.contrastive",
     "siglip_loss": "companion.losses.contrastive",
     "ClipLoss": "companion.losses.contrastive",
+    "SiglipLoss": "companion.losses.contrastive",
+    "contrastive_logits": "companion.losses.contrastive",
     "tiled_info_nce_loss": "companion.losses.tiled",
+    "distributed_info_nce_loss": "companion.distributed",
+    "gather_with_grad": "companion.distributed",
+    # training, models, evaluation
+    "TrainConfig": "companion.train",
+    "train": "companion.train",
+    "build_clip": "companion.models",
+    "retrieval_metrics": "companion.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)
