@@ -57,7 +57,6 @@ _EXPORTS = {
     "gather_with_grad": "companion.distributed",
     # training, models, evaluation
     "TrainConfig": "companion.train",
-    "train": "companion.train",
     "build_clip": "companion.models",
     "retrieval_metrics": "companion.evaluate",
 }
