@@ -56,7 +56,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 600, min_frequency: 
     Training is deterministic for the same texts in the same order.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(
