@@ -167,31 +167,61 @@ class ContrastiveModel(nn.Module):
         return loss, {"temperature": float(1.0 / scale)}
 
 
+def candidate_captions(data: CaptionData, phrasing: int | None = None):
+    """The retrieval pool: every distinct caption text, and which images each describes.
+
+    Returns ``(index, relevance)``: ``index`` (T, 2) holds (scene, phrasing) of the first
+    occurrence of each distinct text; ``relevance`` (S, T) is True where the text is one of
+    that scene's own captions. Identical strings are one candidate: they have identical
+    embeddings, so a ranking cannot tell them apart, and a caption that omits positions is
+    true of every scene with the same objects.
+    """
+    if phrasing is not None and not 0 <= phrasing < data.phrasings:
+        raise ValueError(f"phrasing={phrasing}: the data has {data.phrasings} phrasings")
+    phrasings = range(data.phrasings) if phrasing is None else [phrasing]
+    first: dict[str, int] = {}
+    index = []
+    for s, captions in enumerate(data.captions):
+        for p in phrasings:
+            if captions[p] not in first:
+                first[captions[p]] = len(index)
+                index.append((s, p))
+    relevance = torch.zeros(len(data), len(index), dtype=torch.bool)
+    for s, captions in enumerate(data.captions):
+        for p in phrasings:
+            relevance[s, first[captions[p]]] = True
+    return torch.tensor(index), relevance
+
+
 @torch.no_grad()
 def embed_data(model, data: CaptionData, batch_size: int = 256, phrasing: int | None = None):
-    """Image embeddings (S, D) and text embeddings of every caption (S*P, D) or of one phrasing."""
+    """Image embeddings (S, D), embeddings of every distinct caption (T, D), and the (S, T)
+    relevance matrix of :func:`candidate_captions`."""
     model.eval()
     device = next(model.parameters()).device
     images = torch.cat([
         image_embeddings(model, data.pixel_values[i:i + batch_size].to(device)).float().cpu()
         for i in range(0, len(data), batch_size)])
-    if phrasing is None:
-        ids = data.input_ids.flatten(0, 1)
-        mask = data.attention_mask.flatten(0, 1)
-        groups = data.groups.repeat_interleave(data.phrasings)
-    else:
-        ids, mask, groups = data.input_ids[:, phrasing], data.attention_mask[:, phrasing], data.groups
+    index, relevance = candidate_captions(data, phrasing)
+    ids = data.input_ids[index[:, 0], index[:, 1]]
+    mask = data.attention_mask[index[:, 0], index[:, 1]]
     texts = torch.cat([
         text_embeddings(model, ids[i:i + batch_size].to(device),
                         mask[i:i + batch_size].to(device)).float().cpu()
         for i in range(0, len(ids), batch_size)])
-    return images, texts, groups
+    return images, texts, relevance
 
 
 def evaluate_retrieval(model, data: CaptionData, phrasing: int | None = None) -> dict[str, float]:
-    """Held-out image→text and text→image R@1 and R@5 (same-description captions count)."""
-    images, texts, text_groups = embed_data(model, data, phrasing=phrasing)
-    return retrieval_metrics(images, texts, data.groups, text_groups)
+    """Held-out image→text and text→image R@1 and R@5.
+
+    The candidates are the distinct caption texts of the held-out scenes (all phrasings, or
+    one); a retrieved caption is correct when it is one of the image's own captions, which
+    includes the same text written for an identical scene or, for a phrasing without
+    positions, for a scene with the same objects.
+    """
+    images, texts, relevance = embed_data(model, data, phrasing=phrasing)
+    return retrieval_metrics(images, texts, relevance=relevance)
 
 
 @torch.no_grad()
@@ -240,3 +270,147 @@ def zero_shot_prompts(shape: str) -> list[str]:
                 prompts.append(canonical_caption(Scene(scene_id=-1, objects=(obj,), word=None,
                                                        word_region=None)))
     return prompts
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """Everything that decides the contrastive pre-training run of section 3.1.1.
+
+    The later sections reuse its vision tower; they find it in the cache under a key made
+    from this recipe, so a smoke-sized run is never mistaken for the default one.
+    """
+
+    seed: int = 0
+    tokenizer_scenes: int = 2000   # scenes whose text trains the world's BPE
+    train_scenes: int = 8000       # training scenes (each with several caption phrasings)
+    image_size: int = 48           # pixels per side; scenes are rendered at this size
+    batch_size: int = 64           # N: N - 1 negatives per image
+    steps: int = 1800              # optimiser steps
+    lr: float = 3e-3               # peak AdamW learning rate
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.05
+    checkpoint: str = ""           # start from this CLIP checkpoint instead of a tiny one
+
+    def __post_init__(self):
+        for name in ("tokenizer_scenes", "train_scenes", "image_size", "batch_size", "steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ClipRecipe.{name}={getattr(self, name)} must be positive")
+        if self.batch_size > self.train_scenes:
+            raise ValueError(f"ClipRecipe.batch_size={self.batch_size} exceeds train_scenes="
+                             f"{self.train_scenes}: a batch holds distinct scenes")
+        if not self.lr > 0:
+            raise ValueError(f"ClipRecipe.lr={self.lr} must be positive")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class ClipRun:
+    """What :func:`pretrain_clip` returns."""
+
+    model: nn.Module
+    processor: object
+    tokenizer: object
+    loss: nn.Module          # the ClipLoss that owns the learned temperature
+    history: object          # companion.train.History
+    train_data: CaptionData
+    seconds: float
+
+
+def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bool = False,
+                  log_every: int | None = None, cache_dir=None) -> ClipRun:
+    """Train CLIP with InfoNCE and a learnable temperature, as section 3.1.1 teaches it.
+
+    ``tokenizer`` defaults to the world's BPE (cached in ``cache_dir``) for a tiny model, or
+    the checkpoint's own tokenizer when ``recipe.checkpoint`` names one.
+    """
+    import time
+
+    from companion.losses.contrastive import ClipLoss
+    from companion.models import TinyClipConfig, build_clip
+    from companion.train import TrainConfig, train
+    from companion.world import make_scenes
+
+    if tokenizer is None and not recipe.checkpoint:
+        if cache_dir is None:
+            raise ValueError("pretrain_clip needs a tokenizer or a cache_dir to find the world's")
+        from companion.tokenizer import world_tokenizer
+
+        tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
+    model, processor, tokenizer = build_clip(
+        tokenizer, checkpoint=recipe.checkpoint or None,
+        sizes=TinyClipConfig(image_size=recipe.image_size), seed=recipe.seed)
+    from companion.models import clip_image_size
+
+    data = build_caption_data(make_scenes(recipe.train_scenes, seed=recipe.seed), tokenizer,
+                              processor, render_size=clip_image_size(model))
+    loss = ClipLoss()
+    pair = ContrastiveModel(model, loss).to(device)
+    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                         warmup_fraction=recipe.warmup_fraction, progress=progress,
+                         log_every=max(1, recipe.steps // 5) if log_every is None else log_every)
+    start = time.perf_counter()
+    history = train(pair, pair, lambda step: sample_batch(data, recipe.batch_size, step,
+                                                          seed=recipe.seed),
+                    config, after_step=lambda _: loss.clamp_(), device=device)
+    return ClipRun(model, processor, tokenizer, loss, history, data,
+                   time.perf_counter() - start)
+
+
+def _clip_artifact_config(recipe: ClipRecipe) -> dict:
+    from companion.models import TinyClipConfig
+
+    config = {"kind": "clip", "recipe": recipe.to_dict()}
+    if not recipe.checkpoint:
+        from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+        config["sizes"] = TinyClipConfig(image_size=recipe.image_size).to_dict()
+        config["tokenizer"] = {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
+    return config
+
+
+def save_clip_run(run: ClipRun, folder) -> None:
+    """Write a trained CLIP, its processor, tokenizer, temperature and history to ``folder``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    run.model.save_pretrained(folder)
+    run.processor.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(
+        {"temperature": run.loss.temperature, "seconds": run.seconds,
+         "steps": run.history.steps}, indent=1))
+
+
+def publish_clip(cache_dir, recipe: ClipRecipe, run: ClipRun, log=print):
+    """Store a run made in a notebook in the cache, where :func:`pretrained_clip` finds it."""
+    from companion.artifacts import cached_artifact
+
+    return cached_artifact(cache_dir, "clip", _clip_artifact_config(recipe),
+                           lambda folder: save_clip_run(run, folder), log=log)
+
+
+def pretrained_clip(cache_dir, recipe: ClipRecipe | None = None, device="cpu", log=print):
+    """The CLIP of section 3.1.1, ``(model, processor, tokenizer)``: loaded from the cache,
+    or trained now with ``recipe`` (default: the section's default run) and cached."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from companion.artifacts import cached_artifact
+
+    recipe = recipe or ClipRecipe()
+
+    def build(folder):
+        save_clip_run(pretrain_clip(recipe, device=device, cache_dir=cache_dir, log_every=0),
+                      folder)
+
+    folder = cached_artifact(cache_dir, "clip", _clip_artifact_config(recipe), build, log=log)
+    model = CLIPModel.from_pretrained(folder).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, processor, tokenizer

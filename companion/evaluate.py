@@ -10,30 +10,47 @@ import torch.nn.functional as F
 
 def recall_at_k(
     similarity: torch.Tensor,
-    query_groups: Sequence[int] | torch.Tensor,
-    candidate_groups: Sequence[int] | torch.Tensor,
+    query_groups: Sequence[int] | torch.Tensor | None = None,
+    candidate_groups: Sequence[int] | torch.Tensor | None = None,
     ks: Sequence[int] = (1, 5),
+    *,
+    relevance: torch.Tensor | None = None,
 ) -> dict[int, float]:
-    """Share of queries whose top-k candidates contain one of the same group.
+    """Share of queries whose top-k candidates contain a correct one.
 
-    similarity: (Q, C) scores, higher is better; groups: (Q,) and (C,) integer ids. A
-    retrieved candidate counts as correct when its group equals the query's: in the shapes
-    world, the group is the scene's description, so any caption of the same scene (or of an
-    identical scene) is a hit.
+    similarity: (Q, C) scores, higher is better. Correctness is given either by groups,
+    (Q,) and (C,) integer ids (a candidate is correct when its group equals the query's),
+    or by ``relevance``, a (Q, C) bool matrix (candidate c is correct for query q).
     """
     if similarity.ndim != 2:
         raise ValueError(f"similarity must be (Q, C), got shape {tuple(similarity.shape)}")
-    query_groups = torch.as_tensor(query_groups, device=similarity.device)
-    candidate_groups = torch.as_tensor(candidate_groups, device=similarity.device)
-    if query_groups.shape != (similarity.shape[0],) or candidate_groups.shape != (similarity.shape[1],):
-        raise ValueError(
-            f"groups must have shapes ({similarity.shape[0]},) and ({similarity.shape[1]},), got "
-            f"{tuple(query_groups.shape)} and {tuple(candidate_groups.shape)}")
+    if relevance is not None:
+        if query_groups is not None or candidate_groups is not None:
+            raise ValueError("give either groups or relevance, not both")
+        relevance = torch.as_tensor(relevance, device=similarity.device)
+        if relevance.shape != similarity.shape or relevance.dtype != torch.bool:
+            raise ValueError(f"relevance must be a bool tensor of shape {tuple(similarity.shape)}, "
+                             f"got {relevance.dtype} {tuple(relevance.shape)}")
+        unanswerable = (~relevance.any(dim=1)).nonzero().flatten()
+        if len(unanswerable):
+            raise ValueError(f"query {int(unanswerable[0])} has no correct candidate "
+                             f"({len(unanswerable)} such queries): recall is undefined")
+    else:
+        if query_groups is None or candidate_groups is None:
+            raise ValueError("recall_at_k needs query_groups and candidate_groups, or relevance")
+        query_groups = torch.as_tensor(query_groups, device=similarity.device)
+        candidate_groups = torch.as_tensor(candidate_groups, device=similarity.device)
+        if (query_groups.shape != (similarity.shape[0],)
+                or candidate_groups.shape != (similarity.shape[1],)):
+            raise ValueError(
+                f"groups must have shapes ({similarity.shape[0]},) and ({similarity.shape[1]},), "
+                f"got {tuple(query_groups.shape)} and {tuple(candidate_groups.shape)}")
+        relevance = candidate_groups[None, :] == query_groups[:, None]   # [Q, C]
     results = {}
     for k in ks:
         k_eff = min(k, similarity.shape[1])
         top = similarity.topk(k_eff, dim=1).indices                     # [Q, k]
-        hit = (candidate_groups[top] == query_groups[:, None]).any(dim=1)  # [Q]
+        hit = relevance.gather(1, top).any(dim=1)                       # [Q]
         results[k] = hit.float().mean().item()
     return results
 
@@ -41,21 +58,31 @@ def recall_at_k(
 def retrieval_metrics(
     image_embeddings: torch.Tensor,
     text_embeddings: torch.Tensor,
-    image_groups: Sequence[int] | torch.Tensor,
-    text_groups: Sequence[int] | torch.Tensor,
+    image_groups: Sequence[int] | torch.Tensor | None = None,
+    text_groups: Sequence[int] | torch.Tensor | None = None,
     ks: Sequence[int] = (1, 5),
+    *,
+    relevance: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Image→text and text→image recall@k on cosine similarity.
 
-    Returns ``{"i2t_R@1": ..., "i2t_R@5": ..., "t2i_R@1": ..., "t2i_R@5": ...}``.
+    Correct pairs are given by groups or by an (I, T) bool ``relevance`` matrix (see
+    :func:`recall_at_k`). Returns ``{"i2t_R@1": ..., "i2t_R@5": ..., "t2i_R@1": ..., "t2i_R@5": ...}``.
     """
     image_embeddings = F.normalize(image_embeddings.float(), dim=-1)  # [I, D]
     text_embeddings = F.normalize(text_embeddings.float(), dim=-1)    # [T, D]
     similarity = image_embeddings @ text_embeddings.T                 # [I, T]
     out = {}
-    for k, value in recall_at_k(similarity, image_groups, text_groups, ks).items():
+    if relevance is not None:
+        relevance = torch.as_tensor(relevance)
+        forward = dict(relevance=relevance)
+        backward = dict(relevance=relevance.T)
+    else:
+        forward = dict(query_groups=image_groups, candidate_groups=text_groups)
+        backward = dict(query_groups=text_groups, candidate_groups=image_groups)
+    for k, value in recall_at_k(similarity, ks=ks, **forward).items():
         out[f"i2t_R@{k}"] = value
-    for k, value in recall_at_k(similarity.T, text_groups, image_groups, ks).items():
+    for k, value in recall_at_k(similarity.T, ks=ks, **backward).items():
         out[f"t2i_R@{k}"] = value
     return out
 

@@ -161,3 +161,80 @@ def test_clip_loads_from_a_local_checkpoint(tokenizer, tmp_path, data):
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(ValueError, match="needs a tokenizer"):
         build_clip()
+
+
+def test_recall_with_a_relevance_matrix():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0]])
+    relevance = torch.tensor([[False, True, False], [True, True, False]])
+    out = recall_at_k(sim, ks=(1, 2), relevance=relevance)
+    assert out[1] == pytest.approx(0.5) and out[2] == 1.0
+    with pytest.raises(ValueError, match="not both"):
+        recall_at_k(sim, [0, 1], [0, 1, 2], relevance=relevance)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        recall_at_k(sim, relevance=relevance.float())
+    with pytest.raises(ValueError, match="query 1 has no correct candidate"):
+        recall_at_k(sim, relevance=torch.tensor([[True, False, False], [False] * 3]))
+    with pytest.raises(ValueError, match="needs query_groups"):
+        recall_at_k(sim)
+
+
+def test_candidate_pool_merges_identical_captions(data):
+    from companion.clip import candidate_captions
+
+    index, relevance = candidate_captions(data)
+    texts = [data.captions[s][p] for s, p in index.tolist()]
+    assert len(texts) == len(set(texts))                        # each text once
+    everything = {c for captions in data.captions for c in captions}
+    assert set(texts) == everything                             # and every text
+    for s, captions in enumerate(data.captions):                # relevant = own captions
+        assert {texts[t] for t in relevance[s].nonzero().flatten().tolist()} == set(captions)
+    _, one = candidate_captions(data, phrasing=0)
+    assert one.sum(dim=1).eq(1).all()
+    with pytest.raises(ValueError, match="phrasing=9"):
+        candidate_captions(data, phrasing=9)
+
+
+def test_identical_caption_texts_cannot_split_a_hit():
+    """Two scenes with the same position-free caption: retrieving either copy is a hit."""
+    from companion.clip import CaptionData, evaluate_retrieval
+
+    class Fixed(torch.nn.Module):  # embeds image i and caption text deterministically
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def get_image_features(self, pixel_values):
+            return pixel_values.flatten(1)[:, :2]
+
+        def get_text_features(self, input_ids, attention_mask):
+            return input_ids[:, :2].float()
+
+    pixels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 2, 1, 1)
+    ids = torch.tensor([[[1, 0], [5, 5]], [[0, 1], [5, 5]]])  # phrasing 1 identical
+    captions = [["scene A at left", "one red circle"], ["scene B at right", "one red circle"]]
+    data = CaptionData(pixels, ids, torch.ones_like(ids), torch.tensor([0, 1]), captions)
+    metrics = evaluate_retrieval(Fixed(), data, phrasing=1)
+    assert metrics["i2t_R@1"] == 1.0 and metrics["t2i_R@1"] == 1.0
+
+
+def test_pretrained_clip_is_trained_once_and_cached(tmp_path, tokenizer):
+    from companion.clip import ClipRecipe, pretrain_clip, pretrained_clip, publish_clip
+
+    recipe = ClipRecipe(train_scenes=40, batch_size=8, steps=3, image_size=16, tokenizer_scenes=30)
+    messages = []
+    model, processor, loaded_tokenizer = pretrained_clip(tmp_path, recipe, log=messages.append)
+    assert any("building clip" in m for m in messages)
+    again, _, _ = pretrained_clip(tmp_path, recipe, log=messages.append)
+    assert any("loaded clip" in m for m in messages)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    # a notebook's own run of the same recipe is the same model (deterministic), and
+    # publishing it does not replace the cached one
+    run = pretrain_clip(recipe, loaded_tokenizer, log_every=0)
+    for (name, a), (_, b) in zip(model.state_dict().items(), run.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert publish_clip(tmp_path, recipe, run, log=None).is_dir()
+    with pytest.raises(ValueError, match="exceeds train_scenes"):
+        ClipRecipe(train_scenes=4, batch_size=8)
+    with pytest.raises(ValueError, match="steps=0"):
+        ClipRecipe(steps=0)
