@@ -1,0 +1,298 @@
+"""Instruction tuning (section 3.2): LLaVA conversations to tensors, the loss, and answers.
+
+- :func:`build_example` turns one conversation into ``input_ids`` and ``labels``: the chat
+  template, ``<image>`` expanded to one token per image patch, labels ``-100`` everywhere
+  except the assistant's replies and their end-of-turn token.
+- :class:`LlavaCollator` does that for a batch of LLaVA records (with their images) and pads;
+  a record left with no assistant token (after truncation) is reported and skipped, never
+  trained as a zero loss.
+- :func:`instruction_tuning_step` is the seed's function: a batch in, the loss out.
+- :func:`generate_replies` and :func:`evaluate_tasks` let the model answer held-out
+  questions turn by turn and score the answers with the world's judge.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from companion.tokenizer import encode_chat, to_chat_messages
+
+IGNORE_INDEX = -100
+
+
+class NoTargetError(ValueError):
+    """A sample has no token that carries loss (nothing to learn from it)."""
+
+
+def _expand_image(ids: list[int], mask: list[int], image_id: int, n_image_tokens: int,
+                  where: str) -> tuple[list[int], list[int]]:
+    positions = [i for i, token in enumerate(ids) if token == image_id]
+    if len(positions) > 1:
+        raise ValueError(f"{where}: {len(positions)} <image> tokens; LLaVA takes one image per "
+                         "conversation, at the start of the first human turn")
+    if not positions:
+        return ids, mask
+    p = positions[0]
+    return (ids[:p] + [image_id] * n_image_tokens + ids[p + 1:],
+            mask[:p] + [0] * n_image_tokens + mask[p + 1:])
+
+
+def build_example(tokenizer, conversations: list[dict], n_image_tokens: int, image_id: int,
+                  max_length: int = 512, where: str = "sample") -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` of one LLaVA conversation, ready for a causal VLM.
+
+    Labels equal the input ids on assistant reply tokens and each reply's end-of-turn token,
+    and ``-100`` on everything else (system and human turns, template text, image tokens).
+    They are *not* shifted: the model shifts them once, inside its loss. Longer sequences are
+    cut from the right to ``max_length``; the image tokens are never cut (an error says so
+    if ``max_length`` cannot hold them), and a sample left without any assistant token raises
+    :class:`NoTargetError` so the caller can report and skip it.
+    """
+    encoded = encode_chat(tokenizer, conversations)
+    ids, mask = _expand_image(encoded["input_ids"], encoded["assistant_mask"], image_id,
+                              n_image_tokens, where)
+    if image_id in ids:
+        last_image = len(ids) - 1 - ids[::-1].index(image_id)
+        if last_image >= max_length:
+            raise ValueError(f"{where}: max_length={max_length} would cut the image's "
+                             f"{n_image_tokens} tokens (they end at position {last_image}); "
+                             f"use max_length > {last_image + 1}")
+    ids, mask = ids[:max_length], mask[:max_length]
+    labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids, mask)]
+    if all(label == IGNORE_INDEX for label in labels):
+        reason = ("no assistant token survives truncation to max_length="
+                  f"{max_length}" if any(encoded["assistant_mask"]) else
+                  "the conversation has no assistant reply")
+        raise NoTargetError(f"{where}: {reason}; skipping it (it would train on nothing)")
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_examples(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict:
+    """Pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); attention mask 0 on pads."""
+    if not examples:
+        raise ValueError("pad_examples got no examples")
+    length = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        span = slice(0, n) if side == "right" else slice(length - n, length)
+        input_ids[row, span] = torch.tensor(example["input_ids"])
+        attention[row, span] = 1
+        if "labels" in example:
+            labels[row, span] = torch.tensor(example["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+@dataclass
+class LlavaCollator:
+    """LLaVA records to a padded batch: ``input_ids``, ``attention_mask``, ``labels``,
+    ``pixel_values``.
+
+    ``load_image(record)`` returns the record's PIL image (the world renders its scene; a real
+    data set opens ``image_root / record["image"]``). Skipped records are listed in
+    ``skipped`` as ``(record id, reason)``.
+    """
+
+    tokenizer: object
+    image_processor: object
+    n_image_tokens: int
+    load_image: Callable[[dict], object]
+    max_length: int = 512
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        from companion.vlm import image_token_id
+
+        self.image_id = image_token_id(self.tokenizer)
+
+    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        examples, images = [], []
+        for index, record in enumerate(records):
+            where = f"record {record.get('id', index)!r}"
+            try:
+                example = build_example(self.tokenizer, record["conversations"],
+                                        self.n_image_tokens, self.image_id, self.max_length, where)
+            except NoTargetError as error:
+                self.skipped.append((str(record.get("id", index)), str(error)))
+                warnings.warn(str(error), stacklevel=2)
+                continue
+            examples.append(example)
+            images.append(self.load_image(record))
+        if not examples:
+            raise NoTargetError(f"every record of this batch of {len(records)} was skipped: "
+                                f"{self.skipped[-1][1]}")
+        batch = pad_examples(examples, self.tokenizer.pad_token_id)
+        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return batch
+
+
+def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The seed's step: images and conversation tokens in, the assistant-only loss out.
+
+    The vision tower encodes ``pixel_values``, the projector maps the features to vision
+    tokens that replace the ``<image>`` placeholders, and the LM's cross-entropy is averaged
+    over the label positions that are not -100 (the assistant's tokens), shifted once.
+    """
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+
+
+# ----------------------------------------------------------------------------- pre-encoded data
+
+@dataclass
+class InstructionData:
+    """A training set encoded once: examples, one image per record, and what was skipped."""
+
+    examples: list[dict]
+    pixel_values: torch.Tensor     # (R, 3, H, W), row r belongs to examples[r]
+    tasks: list[str]
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, batch_size: int, step: int, seed: int = 0, pad_id: int = 0) -> dict:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = torch.randint(len(self), (batch_size,), generator=generator).tolist()
+        out = pad_examples([self.examples[r] for r in rows], pad_id)
+        out["pixel_values"] = self.pixel_values[rows]
+        return out
+
+
+def encode_records(records: Sequence[dict], tokenizer, image_processor, n_image_tokens: int,
+                   load_image: Callable[[dict], object], max_length: int = 512) -> InstructionData:
+    """Encode LLaVA records once (tokens, labels, pixels), reporting skipped ones."""
+    from companion.clip import pixel_values_for
+    from companion.vlm import image_token_id
+
+    image_id = image_token_id(tokenizer)
+    examples, images, tasks, skipped = [], [], [], []
+    for index, record in enumerate(records):
+        where = f"record {record.get('id', index)!r}"
+        try:
+            examples.append(build_example(tokenizer, record["conversations"], n_image_tokens,
+                                          image_id, max_length, where))
+        except NoTargetError as error:
+            skipped.append((str(record.get("id", index)), str(error)))
+            continue
+        images.append(load_image(record))
+        tasks.append(record.get("task", "unknown"))
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {len(records)} records have no assistant token and "
+                      f"were skipped; first: {skipped[0][1]}", stacklevel=2)
+    if not examples:
+        raise NoTargetError("no record has an assistant token to train on")
+    return InstructionData(examples, pixel_values_for(image_processor, images), tasks, skipped)
+
+
+# ----------------------------------------------------------------------------- answering
+
+def prompt_ids(tokenizer, conversations: list[dict], n_image_tokens: int) -> list[int]:
+    """Token ids of a conversation that ends with a human turn, plus the assistant header."""
+    from companion.vlm import image_token_id
+
+    ids = tokenizer.apply_chat_template(to_chat_messages(conversations), tokenize=True,
+                                        add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids, _ = _expand_image(list(ids), [0] * len(ids), image_token_id(tokenizer), n_image_tokens,
+                           "prompt")
+    return ids
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations: Sequence[list[dict]],
+                     pixel_values: torch.Tensor, max_new_tokens: int = 48,
+                     do_sample: bool = False, temperature: float = 1.0,
+                     generator_seed: int | None = None) -> list[str]:
+    """The model's next assistant reply to each conversation (greedy unless ``do_sample``)."""
+    from companion.vlm import end_of_turn_id, image_seq_length
+
+    model.eval()
+    device = next(model.parameters()).device
+    n_image = image_seq_length(model)
+    batch = pad_examples([{"input_ids": prompt_ids(tokenizer, c, n_image)} for c in conversations],
+                         tokenizer.pad_token_id, side="left")
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    end = end_of_turn_id(tokenizer)
+    output = model.generate(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
+        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None,
+        top_k=None, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
+    new = output[:, batch["input_ids"].shape[1]:]
+    replies = []
+    for row in new.tolist():
+        if end in row:
+            row = row[:row.index(end)]
+        replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return replies
+
+
+@dataclass
+class TaskScores:
+    """Judged answers of held-out records, and their summary per task type."""
+
+    answers: list[dict]   # one per assistant turn: record id, task, turn, question, answer, ...
+
+    def accuracy(self, task: str | None = None) -> float:
+        rows = [a for a in self.answers if task is None or a["task"] == task]
+        return sum(a["correct"] for a in rows) / max(1, len(rows))
+
+    def hallucination_rate(self, task: str | None = None) -> float:
+        rows = [a for a in self.answers if task is None or a["task"] == task]
+        return sum(bool(a["hallucinations"]) for a in rows) / max(1, len(rows))
+
+    def by_task(self) -> dict[str, dict[str, float]]:
+        tasks = sorted({a["task"] for a in self.answers}, key=_task_order)
+        return {t: {"accuracy": self.accuracy(t), "hallucination_rate": self.hallucination_rate(t),
+                    "answers": sum(a["task"] == t for a in self.answers)} for t in tasks}
+
+    def mean_task_accuracy(self) -> float:
+        table = self.by_task()
+        return sum(v["accuracy"] for v in table.values()) / max(1, len(table))
+
+
+def _task_order(task: str) -> int:
+    from companion.world import TASK_TYPES
+
+    return TASK_TYPES.index(task) if task in TASK_TYPES else len(TASK_TYPES)
+
+
+def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict,
+                   pixel_values: torch.Tensor, batch_size: int = 64,
+                   max_new_tokens: int = 48) -> TaskScores:
+    """Let the model answer every human turn of ``records`` and judge each answer.
+
+    Multi-turn records are played as a real chat: each later question follows the model's
+    *own* earlier answers. ``pixel_values`` (R, 3, H, W) holds each record's image.
+    """
+    from companion.world import judge_answer
+
+    answers = []
+    history = [[] for _ in records]
+    max_turns = max(len(r["checks"]) for r in records)
+    for turn in range(max_turns):
+        active = [i for i, r in enumerate(records) if len(r["checks"]) > turn]
+        for start in range(0, len(active), batch_size):
+            rows = active[start:start + batch_size]
+            convs = [history[i] + [records[i]["conversations"][2 * turn]] for i in rows]
+            replies = generate_replies(model, tokenizer, convs, pixel_values[rows],
+                                       max_new_tokens=max_new_tokens)
+            for i, conv, reply in zip(rows, convs, replies):
+                record = records[i]
+                check = record["checks"][turn]
+                result = judge_answer(scenes_by_id[record["scene_id"]], reply, check)
+                answers.append({
+                    "id": record["id"], "task": record["task"], "turn": turn,
+                    "question": conv[-1]["value"].replace("<image>\n", ""), "answer": reply,
+                    "reference": record["conversations"][2 * turn + 1]["value"],
+                    "correct": bool(result.passed), "score": result.score,
+                    "hallucinations": list(result.hallucinations)})
+                history[i] = conv + [{"from": "gpt", "value": reply}]
+    return TaskScores(answers)

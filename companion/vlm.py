@@ -1,0 +1,257 @@
+"""The vision-language model of sections 3.2 to 3.4: LLaVA on real ``transformers`` classes.
+
+``LlavaForConditionalGeneration`` = a CLIP vision tower (trained in 3.1.1) + the LLaVA-1.5
+projector (linear, GELU, linear) + a causal LM. The chapter's LM is a tiny ``LlamaForCausalLM``
+first pretrained on the world's *text* (:func:`pretrain_lm`), so that it plays the part of
+the pretrained LLM that LLaVA's stage 1 keeps frozen. Any real checkpoint loads instead
+through the same functions (:func:`build_lm` with ``checkpoint=``, :func:`load_vlm`).
+
+How the LM learns about scenes without ever seeing one: its pretraining conversations put a
+*text description* of the scene where the image will later be (``<image>`` replaced by
+"Scene: a small red circle at the top left. ..."). It learns to answer counting, OCR,
+reasoning and grounding questions from that text. Stage 1 then only has to teach the
+projector to turn image features into something the frozen LM reads like that description.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from companion.tokenizer import IMAGE_TOKEN
+
+SCENE_PREFIX = "Scene: "
+
+
+@dataclass(frozen=True)
+class TinyLMConfig:
+    """Sizes of the default causal LM (a ``LlamaConfig``)."""
+
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 384
+    max_positions: int = 512
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_lm(tokenizer=None, checkpoint: str | None = None, sizes: TinyLMConfig | None = None,
+             seed: int = 0):
+    """``(model, tokenizer)``: a tiny ``LlamaForCausalLM`` for ``tokenizer``, or the causal LM
+    and tokenizer saved at ``checkpoint`` (hub id or folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if checkpoint:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        return model, tokenizer or AutoTokenizer.from_pretrained(checkpoint)
+    if tokenizer is None:
+        raise ValueError("build_lm needs a tokenizer when no checkpoint is given")
+    sizes = sizes or TinyLMConfig()
+    if sizes.hidden_size % sizes.heads:
+        raise ValueError(f"hidden_size={sizes.hidden_size} must be a multiple of heads={sizes.heads}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads, num_key_value_heads=sizes.heads,
+        max_position_embeddings=sizes.max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=end_of_turn_id(tokenizer),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant reply: ``<|end|>`` for the world's tokenizer, else eos."""
+    from companion.tokenizer import END_OF_TURN
+
+    ids = tokenizer.convert_tokens_to_ids([END_OF_TURN])
+    if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return int(ids[0])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither <|end|> nor an eos token to end a reply")
+    return int(tokenizer.eos_token_id)
+
+
+def image_token_id(tokenizer) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; add it with "
+                         f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE_TOKEN}']}})"
+                         " and resize the LM's embeddings")
+    return int(token_id)
+
+
+# ----------------------------------------------------------------------------- text-only LM data
+
+def scene_as_text(scene) -> str:
+    """What the LM reads in place of the image during its text-only pretraining."""
+    from companion.world import canonical_caption
+
+    return SCENE_PREFIX + canonical_caption(scene)
+
+
+def text_only_conversations(records, scenes_by_id) -> list[list[dict]]:
+    """LLaVA records with ``<image>`` replaced by the scene's description (for the LM)."""
+    conversations = []
+    for record in records:
+        scene = scenes_by_id[record["scene_id"]]
+        turns = [dict(turn) for turn in record["conversations"]]
+        turns[0]["value"] = turns[0]["value"].replace(IMAGE_TOKEN, scene_as_text(scene))
+        conversations.append(turns)
+    return conversations
+
+
+def lm_corpus(n_scenes: int, seed: int) -> list[list[dict]]:
+    """Text-only conversations of every task type about ``n_scenes`` fresh scenes."""
+    from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
+
+    scenes = make_scenes(n_scenes, seed=seed, start_id=20_000_000)
+    records = make_instruction_dataset(scenes, tasks=TASK_TYPES, seed=seed)
+    return text_only_conversations(records, {s.scene_id: s for s in scenes})
+
+
+def encode_texts(tokenizer, conversations: list[list[dict]], max_length: int):
+    """Pad chat-formatted conversations to a batch; labels cover every token (pretraining)."""
+    from companion.tokenizer import encode_chat
+
+    rows = []
+    for index, turns in enumerate(conversations):
+        ids = encode_chat(tokenizer, turns)["input_ids"]
+        if len(ids) > max_length:
+            raise ValueError(f"text-only conversation {index} has {len(ids)} tokens, more than "
+                             f"max_length={max_length}")
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class LMRecipe:
+    """Text-only pretraining of the chapter's LM (the "pretrained LLM" of LLaVA)."""
+
+    seed: int = 0
+    tokenizer_scenes: int = 2000
+    scenes: int = 3000          # scenes whose text-only conversations make the corpus
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    sizes: TinyLMConfig = TinyLMConfig()
+    max_length: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0):
+    """Train a tiny LM on text-only conversations; returns ``(model, history)``."""
+    from companion.train import TrainConfig, train
+
+    model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
+    corpus = lm_corpus(recipe.scenes, recipe.seed)
+    model.to(device)
+
+    def next_batch(step):
+        rng = random.Random(f"lm:{recipe.seed}:{step}")
+        return encode_texts(tokenizer, rng.sample(corpus, recipe.batch_size), recipe.max_length)
+
+    def loss_fn(batch):
+        return model(**batch).loss
+
+    config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=0.0,
+                         warmup_fraction=0.05, log_every=log_every)
+    history = train(model, loss_fn, next_batch, config, device=device)
+    return model, history
+
+
+def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="cpu", log=print):
+    """The text-pretrained LM, from the cache or trained now (keyed by the recipe)."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from companion.artifacts import cached_artifact
+    from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    recipe = recipe or LMRecipe()
+    config = {"kind": "lm", "recipe": recipe.to_dict(),
+              "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS,
+                            "size": len(tokenizer)}}
+
+    def build(folder):
+        model, history = pretrain_lm(recipe, tokenizer, device=device)
+        model.save_pretrained(folder)
+        (folder / "history.json").write_text(json.dumps(history.steps))
+
+    folder = cached_artifact(cache_dir, "lm", config, build, log=log)
+    history = json.loads((folder / "history.json").read_text())
+    return LlamaForCausalLM.from_pretrained(folder).to(device), history
+
+
+# ----------------------------------------------------------------------------- the VLM
+
+def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -1, seed: int = 0):
+    """Assemble ``LlavaForConditionalGeneration`` from a trained CLIP (or its vision tower)
+    and a causal LM, with a fresh LLaVA-1.5 projector (two linear layers with GELU).
+
+    ``vision_feature_select_strategy="default"`` drops the CLS token, so an image becomes
+    one token per patch. LLaVA-1.5 reads the penultimate vision layer
+    (``vision_feature_layer=-2``); the chapter's two-layer tower uses its last (-1).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tower = getattr(vision_model, "vision_model", vision_model)  # CLIPModel or CLIPVisionModel
+    vision_config = (vision_model.config.vision_config
+                     if hasattr(vision_model.config, "vision_config") else vision_model.config)
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(), text_config=lm.config.to_dict(),
+        image_token_index=image_token_id(tokenizer), image_seq_length=patches,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        vision_feature_layer=vision_feature_layer,
+    )
+    torch.manual_seed(seed)
+    vlm = LlavaForConditionalGeneration(config)
+    vlm.model.vision_tower.load_state_dict(tower.state_dict())
+    vlm.model.language_model.load_state_dict(lm.model.state_dict())
+    vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
+    vlm.config.pad_token_id = tokenizer.pad_token_id
+    vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    vlm.generation_config.eos_token_id = end_of_turn_id(tokenizer)
+    return vlm
+
+
+def load_vlm(checkpoint, device="cpu"):
+    """``(model, image_processor, tokenizer)`` of a LLaVA checkpoint (hub id or folder)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint).to(device)
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return model, processor, tokenizer
+
+
+def save_vlm(folder, model, processor, tokenizer) -> None:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def image_seq_length(model) -> int:
+    """Number of ``<image>`` tokens one image becomes in ``model`` (LLaVA config)."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    return patches if strategy == "default" else patches + 1

@@ -1,0 +1,256 @@
+"""Instruction tuning: labels token by token, truncation, freeze policies, the VLM."""
+
+import random
+import warnings
+
+import pytest
+import torch
+
+from companion.instruction import (IGNORE_INDEX, LlavaCollator, NoTargetError, build_example,
+                                   encode_records, evaluate_tasks, generate_replies,
+                                   instruction_tuning_step, pad_examples)
+from companion.models import TinyClipConfig, build_clip
+from companion.stages import apply_stage, part_of, set_trainable, trainable_summary
+from companion.tokenizer import ASSISTANT, END_OF_TURN, USER, world_corpus, train_tokenizer
+from companion.train import TrainConfig, train
+from companion.vlm import (TinyLMConfig, build_lm, build_vlm, end_of_turn_id, image_seq_length,
+                           image_token_id, load_vlm, save_vlm, text_only_conversations)
+from companion.world import make_instruction_dataset, make_scenes, render_scene
+
+CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=1,
+                            text_width=32, text_layers=1, heads=2, projection_dim=16)
+LM_SIZES = TinyLMConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64)
+N_IMAGE = 4  # (16 / 8) ** 2 patches
+
+SINGLE = [{"from": "human", "value": "<image>\nHow many circles are there?"},
+          {"from": "gpt", "value": "There is one circle."}]
+MULTI = SINGLE + [{"from": "human", "value": "Where is it?"},
+                  {"from": "gpt", "value": "It is at the top left."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(world_corpus(40, seed=1), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def vlm(tokenizer):
+    clip, processor, _ = build_clip(tokenizer, sizes=CLIP_SIZES, seed=0)
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=0)
+    return build_vlm(clip, lm, tokenizer), processor
+
+
+def _segments(tokenizer, conversations):
+    """Independent reference: the token ids of each template piece, and whether it is loss."""
+    pieces = []
+    for turn in conversations:
+        if turn["from"] == "human":
+            text = turn["value"]
+            pieces.append((tokenizer.encode(USER + "\n", add_special_tokens=False), False))
+            if text.startswith("<image>\n"):
+                pieces.append(([image_token_id(tokenizer)] * N_IMAGE, False))
+                pieces.append((tokenizer.encode("\n", add_special_tokens=False), False))
+                text = text[len("<image>\n"):]
+            pieces.append((tokenizer.encode(text + END_OF_TURN + "\n", add_special_tokens=False),
+                           False))
+        else:
+            pieces.append((tokenizer.encode(ASSISTANT + "\n", add_special_tokens=False), False))
+            pieces.append((tokenizer.encode(turn["value"] + END_OF_TURN, add_special_tokens=False),
+                           True))
+            pieces.append((tokenizer.encode("\n", add_special_tokens=False), False))
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if loss else IGNORE_INDEX for piece, loss in pieces for t in piece]
+    return ids, labels
+
+
+@pytest.mark.parametrize("conversation", [SINGLE, MULTI], ids=["single-turn", "multi-turn"])
+def test_labels_token_by_token(tokenizer, conversation):
+    example = build_example(tokenizer, conversation, N_IMAGE, image_token_id(tokenizer))
+    ids, labels = _segments(tokenizer, conversation)
+    assert example["input_ids"] == ids
+    assert example["labels"] == labels
+    # read back: the loss tokens are exactly the assistant replies and their end-of-turn
+    kept = [t for t in example["labels"] if t != IGNORE_INDEX]
+    replies = [t["value"] for t in conversation if t["from"] == "gpt"]
+    assert tokenizer.decode(kept) == "".join(r + END_OF_TURN for r in replies)
+    assert kept.count(end_of_turn_id(tokenizer)) == len(replies)
+
+
+def test_image_tokens_human_turns_and_template_are_ignored(tokenizer):
+    example = build_example(tokenizer, MULTI, N_IMAGE, image_token_id(tokenizer))
+    image = image_token_id(tokenizer)
+    assert example["input_ids"].count(image) == N_IMAGE
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if token in (image, tokenizer.convert_tokens_to_ids(USER),
+                     tokenizer.convert_tokens_to_ids(ASSISTANT)):
+            assert label == IGNORE_INDEX
+    question = tokenizer.encode("How many circles are there?", add_special_tokens=False)
+    start = next(i for i in range(len(example["input_ids"]))
+                 if example["input_ids"][i:i + len(question)] == question)
+    assert all(label == IGNORE_INDEX for label in example["labels"][start:start + len(question)])
+
+
+def test_truncation_cuts_from_the_right_and_keeps_the_image(tokenizer):
+    full = build_example(tokenizer, MULTI, N_IMAGE, image_token_id(tokenizer))
+    cut = build_example(tokenizer, MULTI, N_IMAGE, image_token_id(tokenizer),
+                        max_length=len(full["input_ids"]) - 3)
+    assert cut["input_ids"] == full["input_ids"][:-3]
+    assert cut["labels"] == full["labels"][:-3]
+
+
+def test_truncation_that_would_cut_image_tokens_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="would cut the image"):
+        build_example(tokenizer, SINGLE, N_IMAGE, image_token_id(tokenizer), max_length=4)
+
+
+def test_sample_left_without_assistant_tokens_is_reported(tokenizer):
+    full = build_example(tokenizer, SINGLE, N_IMAGE, image_token_id(tokenizer))
+    first_label = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    with pytest.raises(NoTargetError, match="record 'x'.*max_length"):
+        build_example(tokenizer, SINGLE, N_IMAGE, image_token_id(tokenizer),
+                      max_length=first_label, where="record 'x'")
+    with pytest.raises(NoTargetError, match="no assistant reply"):
+        build_example(tokenizer, SINGLE[:1], N_IMAGE, image_token_id(tokenizer))
+
+
+def test_two_images_in_one_conversation_is_an_error(tokenizer):
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "Yes."}]
+    with pytest.raises(ValueError, match="2 <image> tokens"):
+        build_example(tokenizer, two, N_IMAGE, image_token_id(tokenizer))
+
+
+def test_collator_pads_masks_and_skips(tokenizer, vlm):
+    model, processor = vlm
+    scenes = make_scenes(3, seed=4)
+    records = [{"id": f"r{i}", "conversations": conv, "scene_id": scenes[i].scene_id}
+               for i, conv in enumerate([SINGLE, MULTI, SINGLE[:1]])]
+    by_id = {s.scene_id: s for s in scenes}
+    collate = LlavaCollator(tokenizer, processor, N_IMAGE,
+                            load_image=lambda r: render_scene(by_id[r["scene_id"]], 16))
+    with pytest.warns(UserWarning, match="record 'r2'"):
+        batch = collate(records)
+    assert [s[0] for s in collate.skipped] == ["r2"]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (2, 3, 16, 16)
+    short = len(build_example(tokenizer, SINGLE, N_IMAGE, image_token_id(tokenizer))["input_ids"])
+    assert batch["attention_mask"][0].sum() == short
+    assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+    with pytest.raises(NoTargetError, match="every record"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            collate(records[2:])
+
+
+def test_instruction_step_loss_is_the_assistant_only_cross_entropy(tokenizer, vlm):
+    model, processor = vlm
+    scene = make_scenes(1, seed=4)[0]
+    collate = LlavaCollator(tokenizer, processor, N_IMAGE, load_image=lambda r: render_scene(scene, 16))
+    batch = collate([{"id": "a", "conversations": MULTI}])
+    loss = instruction_tuning_step(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits.double()
+    labels = batch["labels"][0, 1:]
+    keep = labels != IGNORE_INDEX
+    reference = torch.nn.functional.cross_entropy(logits[0, :-1][keep], labels[keep])
+    assert torch.allclose(loss.double(), reference, atol=1e-5)
+
+
+def test_freeze_policies_are_bit_exact(tokenizer, vlm):
+    model, processor = vlm
+    scenes = make_scenes(8, seed=6)
+    by_id = {s.scene_id: s for s in scenes}
+    data = encode_records(make_instruction_dataset(scenes, seed=0), tokenizer, processor, N_IMAGE,
+                          lambda r: render_scene(by_id[r["scene_id"]], 16))
+    for stage, trained in (("stage1", {"projector"}), ("stage2", {"projector", "lm"})):
+        counts = apply_stage(model, stage)
+        assert {p for p, n in counts.items() if n} == trained
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(model, lambda b: instruction_tuning_step(model, b),
+              lambda s: data.batch(4, s, pad_id=tokenizer.pad_token_id),
+              TrainConfig(steps=2, lr=1e-2, log_every=0), device="cpu")
+        for name, parameter in model.named_parameters():
+            same = torch.equal(parameter, before[name])
+            if part_of(name) in trained and parameter.requires_grad:
+                continue
+            assert same, f"{stage}: frozen {name} changed"
+        changed = {part_of(n) for n, p in model.named_parameters()
+                   if not torch.equal(p, before[n])}
+        assert changed == trained, stage
+        summary = trainable_summary(model)
+        assert summary["vision"][0] == 0 and summary["projector"][0] == summary["projector"][1]
+
+
+def test_unknown_stage_and_part_are_errors(vlm):
+    model, _ = vlm
+    with pytest.raises(ValueError, match="unknown stage"):
+        apply_stage(model, "stage3")
+    with pytest.raises(ValueError, match="unknown part"):
+        set_trainable(model, ["decoder"])
+    with pytest.raises(ValueError, match="belongs to no known part"):
+        part_of("encoder.layer.0.weight")
+
+
+def test_vlm_reuses_the_trained_parts(tokenizer):
+    clip, _, _ = build_clip(tokenizer, sizes=CLIP_SIZES, seed=1)
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=2)
+    model = build_vlm(clip, lm, tokenizer)
+    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
+                       clip.vision_model.embeddings.patch_embedding.weight)
+    assert torch.equal(model.model.language_model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, lm.lm_head.weight)
+    assert image_seq_length(model) == N_IMAGE
+    assert model.config.image_token_index == image_token_id(tokenizer)
+
+
+def test_vlm_round_trips_through_a_saved_checkpoint(tmp_path, tokenizer, vlm):
+    model, processor = vlm
+    save_vlm(tmp_path / "tiny-llava", model, processor, tokenizer)
+    loaded, loaded_processor, loaded_tokenizer = load_vlm(str(tmp_path / "tiny-llava"))
+    scene = make_scenes(1, seed=9)[0]
+    pixels = loaded_processor(images=[render_scene(scene, 16)], return_tensors="pt")["pixel_values"]
+    conversation = [SINGLE[:1]]
+    assert (generate_replies(model, tokenizer, conversation, pixels, max_new_tokens=5)
+            == generate_replies(loaded, loaded_tokenizer, conversation, pixels, max_new_tokens=5))
+
+
+def test_batched_generation_matches_one_by_one(tokenizer, vlm):
+    """Left padding must not change greedy answers."""
+    model, processor = vlm
+    scenes = make_scenes(3, seed=11)
+    pixels = processor(images=[render_scene(s, 16) for s in scenes], return_tensors="pt")["pixel_values"]
+    conversations = [SINGLE[:1], MULTI[:3], [{"from": "human", "value": "<image>\nDescribe."}]]
+    together = generate_replies(model, tokenizer, conversations, pixels, max_new_tokens=6)
+    alone = [generate_replies(model, tokenizer, [c], pixels[i:i + 1], max_new_tokens=6)[0]
+             for i, c in enumerate(conversations)]
+    assert together == alone
+
+
+def test_evaluate_tasks_judges_every_turn(tokenizer, vlm):
+    model, processor = vlm
+    scenes = make_scenes(2, seed=12)
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, tasks=["counting", "multi_turn"], seed=0)
+    pixels = processor(images=[render_scene(by_id[r["scene_id"]], 16) for r in records],
+                       return_tensors="pt")["pixel_values"]
+    scores = evaluate_tasks(model, tokenizer, records, by_id, pixels, max_new_tokens=4)
+    assert len(scores.answers) == sum(len(r["checks"]) for r in records)
+    assert set(scores.by_task()) == {"counting", "multi_turn"}
+    assert 0.0 <= scores.mean_task_accuracy() <= 1.0
+
+
+def test_text_only_conversations_replace_the_image_by_its_description():
+    scenes = make_scenes(2, seed=13)
+    records = make_instruction_dataset(scenes, tasks=["counting"], seed=0)
+    texts = text_only_conversations(records, {s.scene_id: s for s in scenes})
+    assert all("<image>" not in turn["value"] for conv in texts for turn in conv)
+    assert texts[0][0]["value"].startswith("Scene: ")
+    assert records[0]["conversations"][0]["value"].startswith("<image>")  # input untouched
+
+
+def test_pad_examples_left_and_errors():
+    batch = pad_examples([{"input_ids": [5, 6]}, {"input_ids": [7]}], pad_id=0, side="left")
+    assert batch["input_ids"].tolist() == [[5, 6], [0, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
+    with pytest.raises(ValueError, match="no examples"):
+        pad_examples([], 0)
