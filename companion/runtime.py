@@ -45,6 +45,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def quiet_transformers() -> None:
+    """No progress bars or info logs from ``save_pretrained`` / ``from_pretrained``: they
+    would land in the notebooks' stored outputs and change from run to run."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def setup(seed: int = 0, device: str = "auto", threads: int | None = 2, quiet: bool = False):
     """Seed everything, fix the CPU thread count and pick the device; return the device.
 
@@ -58,6 +69,9 @@ def setup(seed: int = 0, device: str = "auto", threads: int | None = 2, quiet: b
             raise ValueError(f"threads={threads} must be at least 1 (or None for the default)")
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
+    # Tiny values (Adam's second moments late in training) as denormals are slow on CPUs.
+    torch.set_flush_denormal(True)
     seed_everything(seed)
     chosen = pick_device(device)
     if not quiet:

@@ -202,13 +202,15 @@ def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="
 
 # ----------------------------------------------------------------------------- the VLM
 
-def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -1, seed: int = 0):
+def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -2, seed: int = 0):
     """Assemble ``LlavaForConditionalGeneration`` from a trained CLIP (or its vision tower)
     and a causal LM, with a fresh LLaVA-1.5 projector (two linear layers with GELU).
 
     ``vision_feature_select_strategy="default"`` drops the CLS token, so an image becomes
-    one token per patch. LLaVA-1.5 reads the penultimate vision layer
-    (``vision_feature_layer=-2``); the chapter's two-layer tower uses its last (-1).
+    one token per patch. Like LLaVA-1.5 it reads the penultimate vision layer
+    (``vision_feature_layer=-2``): CLIP's loss only looks at the CLS token of the last
+    layer, so the last layer's patch outputs are never trained to mean anything, while the
+    penultimate layer's patch features are what that CLS token attends to.
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 

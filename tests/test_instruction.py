@@ -254,3 +254,28 @@ def test_pad_examples_left_and_errors():
     assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
     with pytest.raises(ValueError, match="no examples"):
         pad_examples([], 0)
+
+
+def test_text_pretrained_lm_is_cached_and_learns(tmp_path, tokenizer):
+    from companion.vlm import LMRecipe, pretrained_lm
+
+    recipe = LMRecipe(scenes=20, steps=15, batch_size=4, lr=3e-3, sizes=LM_SIZES)
+    messages = []
+    lm, history = pretrained_lm(tmp_path, tokenizer, recipe, log=messages.append)
+    assert history[-1]["loss"] < history[0]["loss"]
+    again, _ = pretrained_lm(tmp_path, tokenizer, recipe, log=messages.append)
+    assert [m.split()[0] for m in messages] == ["building", "loaded"]
+    for (name, a), (_, b) in zip(lm.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_lm_checkpoint_path_loads_a_saved_lm(tmp_path, tokenizer):
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=3)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    loaded, loaded_tokenizer = build_lm(checkpoint=str(tmp_path / "lm"))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(lm(ids).logits, loaded(ids).logits)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        build_lm()
