@@ -38,11 +38,11 @@ output_dir = "../build/interactive"  # the runner sets it; metrics go to output_
 cache_dir = "../.cache"  # shared artifacts (tokenizer, trained encoders), keyed by their config
 clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of the tiny model, e.g. "openai/clip-vit-base-patch32"
 tokenizer_scenes = 2000  # scenes whose text trains the world's BPE tokenizer
-train_scenes = 4000  # training scenes (each has 4+ caption phrasings)
+train_scenes = 8000  # training scenes (each has 5 caption phrasings)
 test_scenes = 300  # held-out scenes for retrieval
-image_size = 48  # pixels per side fed to the vision tower (tiny model only)
+image_size = 48  # pixels per side: scenes are rendered at this size (tiny model only)
 batch_size = 64  # pairs per batch: N, so N - 1 negatives per image
-train_steps = 1200  # optimiser steps of the main run
+train_steps = 1800  # optimiser steps of the main run
 lr = 3e-3  # peak AdamW learning rate (warmup 5%, cosine decay)
 experiment_steps = 150  # steps of each side experiment (batch size, SigLIP, normalisation)
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
@@ -65,10 +65,11 @@ import torch.nn.functional as F
 import companion
 from companion import info_nce_loss, siglip_loss
 from companion.book import write_metrics
-from companion.clip import (ContrastiveModel, build_caption_data, evaluate_retrieval,
-                            sample_batch, similarity_matrix, zero_shot_accuracy)
+from companion.clip import (ClipRecipe, ContrastiveModel, build_caption_data,
+                            evaluate_retrieval, pretrain_clip, publish_clip, sample_batch,
+                            similarity_matrix, zero_shot_accuracy)
 from companion.losses.contrastive import ClipLoss, SiglipLoss
-from companion.models import TinyClipConfig, build_clip, count_parameters
+from companion.models import TinyClipConfig, build_clip, clip_image_size, count_parameters
 from companion.plots import (plot_bars, plot_curves, plot_row_softmax, show_images,
                              similarity_heatmap)
 from companion.runtime import setup
@@ -120,23 +121,26 @@ assert difference < 1e-12
 # Each training scene comes with several phrasings of its caption; every step samples a
 # batch of distinct scenes and one phrasing each. The held-out scenes never appear in
 # training. The tokenizer is the world's BPE from section 3.0 (loaded from the cache, or
-# trained on the spot if this notebook runs alone).
+# trained on the spot if this notebook runs alone). The whole run is declared in one
+# `ClipRecipe`; sections 3.1.2 to 3.4 reuse the vision tower it trains, and find it in the
+# cache under a key made from this recipe.
 
 # %%
-tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
+recipe = ClipRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes, train_scenes=train_scenes,
+                    image_size=image_size, batch_size=batch_size, steps=train_steps, lr=lr,
+                    checkpoint=clip_checkpoint)
+tokenizer = None if clip_checkpoint else world_tokenizer(cache_dir, n_scenes=tokenizer_scenes,
+                                                         log=None)
 sizes = TinyClipConfig(image_size=image_size)
 model, processor, tokenizer = build_clip(tokenizer, checkpoint=clip_checkpoint or None,
                                          sizes=sizes, seed=seed)
-render_size = 64
-train_data = build_caption_data(make_scenes(train_scenes, seed=seed), tokenizer, processor,
-                                render_size=render_size)
-groups = {}
+render_size = clip_image_size(model)  # draw the scenes at the size the model reads
 test_scene_list = make_scenes(test_scenes, seed=seed + 1, start_id=10_000_000)
 test_data = build_caption_data(test_scene_list, tokenizer, processor, render_size=render_size)
-print(f"CLIPModel with {count_parameters(model) / 1e6:.2f} M parameters; "
-      f"{len(train_data)} training scenes x {train_data.phrasings} phrasings, "
+print(f"CLIPModel with {count_parameters(model) / 1e6:.2f} M parameters, images "
+      f"{render_size}x{render_size}; {test_data.phrasings} phrasings per scene, "
       f"{len(test_data)} held-out scenes")
-print("one training caption:", train_data.captions[0][1])
+print("one caption, two phrasings:", *test_data.captions[0][:2], sep="\n  ")
 
 # %% [markdown]
 # ## Before training: the N×N matrix of a real batch
@@ -159,22 +163,23 @@ print("held-out retrieval before training:", {k: round(v, 3) for k, v in initial
 # optimiser step). `ClipLoss` owns that parameter; `ContrastiveModel` pairs it with the CLIP
 # model so that one optimiser trains both. The training loop is the companion's `train`: AdamW,
 # linear warmup then cosine decay, gradient clipping, a history of losses and metrics.
+# `pretrain_clip` puts these pieces together; its core is three lines:
 
 # %%
-clip_loss = ClipLoss()
-contrastive = ContrastiveModel(model, clip_loss).to(dev)
+source = inspect.getsource(pretrain_clip)
+print(source[source.index("    loss = ClipLoss()"):source.index("    return ClipRun")])
 
+# %% [markdown]
+# It builds the same model from the same seed as above (so the "before" matrix is its
+# starting point), renders and tokenises the training scenes, and trains:
 
-def batches(step):
-    return sample_batch(train_data, batch_size, step, seed=seed)
-
-
-config = TrainConfig(steps=train_steps, lr=lr, weight_decay=0.1, warmup_fraction=0.05,
-                     log_every=max(1, train_steps // 5), progress=progress)
-start = time.perf_counter()
-history = train(contrastive, contrastive, batches, config, after_step=lambda _: clip_loss.clamp_(),
-                device=dev)
-train_seconds = time.perf_counter() - start
+# %%
+run = pretrain_clip(recipe, tokenizer, device=dev, progress=progress)
+model, clip_loss, history, train_data = run.model, run.loss, run.history, run.train_data
+train_seconds = run.seconds
+publish_clip(cache_dir, recipe, run, log=None)  # for sections 3.1.2 onwards
+print(f"{len(train_data)} training scenes x {train_data.phrasings} phrasings; "
+      f"final loss {history.last('loss', window=50):.3f}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -203,8 +208,11 @@ print("held-out retrieval after training:", {k: round(v, 3) for k, v in final.it
 
 # %% [markdown]
 # Recall@k counts a query as solved when a correct item is among the top k. Image→text R@1 is
-# the share of held-out images whose best-scoring caption (among every phrasing of every
-# held-out scene) describes that image's scene.
+# the share of held-out images whose best-scoring caption, among the distinct caption texts
+# of all held-out scenes (every phrasing), is one of the image's own captions. Identical
+# texts are one candidate: a caption without positions ("one shape: a large red circle.")
+# can be written for several scenes, is true of all of them, and has one embedding, so no
+# ranking could prefer one copy over another.
 #
 # ## After training: the diagonal lights up
 
@@ -387,8 +395,8 @@ sig_r1 = evaluate_retrieval(sig_model, test_data)["i2t_R@1"]
 metrics["siglip_vs_infonce_R@1"] = {"infonce": batch_results[64], "siglip": sig_r1}
 print(f"InfoNCE: held-out i2t R@1 = {batch_results[64]:.3f}")
 print(f"SigLIP:  held-out i2t R@1 = {sig_r1:.3f}")
-print(f"SigLIP's learned scale {float(sig_hist_module.logit_scale.exp()):.1f}, "
-      f"bias {float(sig_hist_module.logit_bias):.2f}")
+print(f"SigLIP's learned scale {sig_hist_module.logit_scale.detach().exp().item():.1f}, "
+      f"bias {sig_hist_module.logit_bias.detach().item():.2f}")
 
 # %% [markdown]
 # SigLIP starts with the bias at −10, so every cell starts out as a confident "no match".
