@@ -55,6 +55,21 @@ _EXPORTS = {
     "tiled_info_nce_loss": "companion.losses.tiled",
     "distributed_info_nce_loss": "companion.distributed",
     "gather_with_grad": "companion.distributed",
+    # image-text matching (companion/losses/matching.py, companion/matching.py)
+    "ITMHead": "companion.losses.matching",
+    "itm_loss": "companion.losses.matching",
+    "sample_hard_negatives": "companion.losses.matching",
+    "sample_random_negatives": "companion.losses.matching",
+    "ITMModel": "companion.matching",
+    "FusionConfig": "companion.matching",
+    "fine_grained_negative": "companion.matching",
+    # instruction tuning (companion/vlm.py, companion/instruction.py, companion/stages.py)
+    "build_vlm": "companion.vlm",
+    "build_lm": "companion.vlm",
+    "build_example": "companion.instruction",
+    "LlavaCollator": "companion.instruction",
+    "instruction_tuning_step": "companion.instruction",
+    "apply_stage": "companion.stages",
     # training, models, evaluation
     "TrainConfig": "companion.train",
     "build_clip": "companion.models",

@@ -157,9 +157,25 @@ class InstructionData:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def batch(self, batch_size: int, step: int, seed: int = 0, pad_id: int = 0) -> dict:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        rows = torch.randint(len(self), (batch_size,), generator=generator).tolist()
+    def batch(self, batch_size: int, step: int, seed: int = 0, pad_id: int = 0,
+              group: int = 8) -> dict:
+        """The batch of ``step``: rows drawn at random with replacement, deterministic in
+        ``(seed, step)``.
+
+        ``group > 1`` draws ``group`` batches' worth of rows at once, sorts them by length
+        and hands out one slice per step (in a shuffled order), so a batch holds sequences of
+        similar length and little compute goes into padding (Hugging Face's
+        ``group_by_length``). Every row is still equally likely to be drawn.
+        """
+        if batch_size < 1 or group < 1:
+            raise ValueError(f"batch_size={batch_size} and group={group} must be positive")
+        block, slot = divmod(step, group)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.randint(len(self), (batch_size * group,), generator=generator).tolist()
+        if group > 1:
+            rows.sort(key=lambda r: len(self.examples[r]["input_ids"]))
+            order = torch.randperm(group, generator=generator).tolist()
+            rows = rows[order[slot] * batch_size:(order[slot] + 1) * batch_size]
         out = pad_examples([self.examples[r] for r in rows], pad_id)
         out["pixel_values"] = self.pixel_values[rows]
         return out

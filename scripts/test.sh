@@ -10,4 +10,4 @@ export PYTHONHASHSEED=0
 python -m pytest -n 2 --dist loadfile -m "not notebook" tests "$@"
 python -m pytest \
     --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-    --nbval-cell-timeout 1200 tests/test_notebooks.py notebooks "$@"
+    --nbval-cell-timeout 1200 --durations=12 tests/test_notebooks.py notebooks "$@"

@@ -279,3 +279,21 @@ def test_lm_checkpoint_path_loads_a_saved_lm(tmp_path, tokenizer):
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(ValueError, match="needs a tokenizer"):
         build_lm()
+
+
+def test_length_grouped_batches_are_deterministic_and_cover_the_data(tokenizer, vlm):
+    _, processor = vlm
+    scenes = make_scenes(30, seed=14)
+    by_id = {s.scene_id: s for s in scenes}
+    data = encode_records(make_instruction_dataset(scenes, seed=0), tokenizer, processor, N_IMAGE,
+                          lambda r: render_scene(by_id[r["scene_id"]], 16))
+    first = data.batch(8, step=3, seed=1)
+    assert torch.equal(first["input_ids"], data.batch(8, step=3, seed=1)["input_ids"])
+    padding = {}
+    for group in (1, 8):
+        batches = [data.batch(8, step, seed=1, group=group) for step in range(64)]
+        padding[group] = sum((b["attention_mask"] == 0).sum().item() for b in batches)
+        assert all(b["input_ids"].shape[0] == 8 == b["pixel_values"].shape[0] for b in batches)
+    assert padding[8] < 0.5 * padding[1]
+    with pytest.raises(ValueError, match="must be positive"):
+        data.batch(0, step=0)
