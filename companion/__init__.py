@@ -63,6 +63,10 @@ _EXPORTS = {
     "ITMModel": "companion.matching",
     "FusionConfig": "companion.matching",
     "fine_grained_negative": "companion.matching",
+    # image-grounded generation (companion/losses/generation.py)
+    "generation_loss": "companion.losses.generation",
+    "caption_inputs": "companion.losses.generation",
+    "generate_captions": "companion.losses.generation",
     # instruction tuning (companion/vlm.py, companion/instruction.py, companion/stages.py)
     "build_vlm": "companion.vlm",
     "build_lm": "companion.vlm",
