@@ -1,0 +1,358 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3.2 Instruction tuning: LLaVA data, assistant-only loss, two stages (指令微调)
+#
+# Pre-training gave us a vision encoder whose features line up with text (3.1.1). A useful
+# assistant must do more: *follow an instruction* about an image ("how many circles?",
+# "read the word", "where is the red square?") and answer in words. Instruction tuning
+# teaches that by supervised training on conversations about images.
+#
+# This notebook builds a LLaVA-style model from three real `transformers` parts and trains
+# it the way LLaVA does:
+#
+# - the **vision tower**: the CLIP image encoder trained in 3.1.1 (frozen throughout);
+# - the **projector**: LLaVA-1.5's two linear layers with a GELU between them, mapping each
+#   image patch feature to one "vision token" in the LM's embedding space;
+# - the **language model**: a small Llama, first pretrained on the world's *text* so that it
+#   plays the part of the pretrained LLM.
+#
+# Then stage 1 (feature alignment: projector only) and stage 2 (instruction tuning:
+# projector and LM), each scored by the world's judge on held-out scenes, per task type.
+
+# %% tags=["parameters"]
+seed = 0  # random seed for data, initialisation and batches
+device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
+threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
+output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.2.json
+cache_dir = "../.cache"  # shared artifacts (tokenizer, CLIP of 3.1.1, text-pretrained LM)
+tokenizer_scenes = 2000  # scenes whose text trains the world's BPE (as in 3.0 and 3.1.1)
+clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.1.1 to reuse its cached model)
+clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
+clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
+lm_scenes = 3000  # scenes whose text-only conversations pretrain the LM
+lm_steps = 600  # optimiser steps of the LM's text-only pretraining
+train_scenes = 3000  # scenes of the instruction data (one record of each task type per scene)
+test_scenes = 60  # held-out scenes for the per-task evaluation
+stage1_steps = 300  # stage 1 (projector only) optimiser steps, on description records
+stage1_lr = 1e-3  # stage 1 peak learning rate (LLaVA-1.5: 1e-3)
+stage2_steps = 800  # stage 2 (projector + LM) optimiser steps, on all task types
+stage2_lr = 1e-3  # stage 2 peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
+batch_size = 32  # conversations per batch in both stages
+max_new_tokens = 48  # longest generated answer, in tokens
+progress = False  # show a tqdm progress bar while training (off in the committed outputs)
+vlm_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) to tune instead of assembling the tiny one
+lm_checkpoint = ""  # a causal LM checkpoint to use as the LLM instead of the text-pretrained tiny Llama
+
+# %% [markdown]
+# ## Setup
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import HTML, display
+
+from companion.book import write_metrics
+from companion.clip import ClipRecipe, pixel_values_for, pretrained_clip
+from companion.data.llava import validate_llava_records
+from companion.instruction import (IGNORE_INDEX, build_example, encode_records,
+                                   evaluate_tasks, generate_replies, instruction_tuning_step)
+from companion.plots import plot_curves, show_images
+from companion.runtime import setup
+from companion.stages import apply_stage, trainable_summary
+from companion.tokenizer import assistant_mask_html, world_tokenizer
+from companion.train import TrainConfig, train
+from companion.vlm import (LMRecipe, build_lm, build_vlm, image_seq_length, image_token_id,
+                           load_vlm, pretrained_lm, scene_as_text)
+from companion.world import (TASK_TYPES, make_instruction_dataset, make_scenes, render_scene)
+
+%matplotlib inline
+dev = setup(seed=seed, device=device, threads=threads)
+metrics = {}
+
+# %% [markdown]
+# ## The data format
+#
+# LLaVA's instruction data is a JSON list of records: an image path and a conversation whose
+# turns alternate between the human (`from: human`) and the assistant (`gpt`, or `assistant`
+# as the seed writes it). The image enters the conversation as a placeholder, `<image>`, in
+# the first human turn. Here is the seed's own sample, checked by the companion's validator
+# (the same one that reads real LLaVA files, reporting file, record and key on error):
+
+# %%
+seed_record = {
+    "image": "path/to/image.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\n这张图片里有什么？"},
+        {"from": "assistant", "value": "这张图片显示了一只金毛犬在公园的草地上奔跑。"},
+        {"from": "human", "value": "狗狗看起来开心吗？"},
+        {"from": "assistant", "value": "是的，从它的肢体语言可以看出它非常开心。"},
+    ],
+}
+validate_llava_records([seed_record])
+print("the seed's sample is a valid LLaVA record:",
+      len(seed_record["conversations"]) // 2, "question-answer turns")
+
+# %% [markdown]
+# The shapes world writes the same format for the six task types of the seed's table. Each
+# record also carries `checks`: what a correct answer to each turn must contain, which is
+# how the judge scores the model's free-text answers later.
+
+# %%
+scenes = make_scenes(train_scenes, seed=seed + 2, start_id=30_000_000)
+scenes_by_id = {s.scene_id: s for s in scenes}
+records = make_instruction_dataset(scenes, seed=seed + 2)
+test_scene_list = make_scenes(test_scenes, seed=seed + 3, start_id=40_000_000)
+test_by_id = {s.scene_id: s for s in test_scene_list}
+test_records = make_instruction_dataset(test_scene_list, seed=seed + 3)
+for task in TASK_TYPES:
+    record = next((r for r in test_records if r["task"] == task), None)
+    if record is None:  # (OCR is only asked of scenes with a word)
+        continue
+    turns = record["conversations"]
+    print(f"{task:>12}: {turns[0]['value'].replace(chr(10), ' ')!r} -> {turns[1]['value']!r}"
+          + (f"  (+{len(turns) // 2 - 1} more turns)" if len(turns) > 2 else ""))
+print(f"\n{len(records)} training records about {len(scenes)} scenes; {len(test_records)} "
+      f"held-out records about {len(test_scene_list)} other scenes")
+
+# %% [markdown]
+# ## The model
+#
+# The vision tower comes from 3.1.1's cache (trained there, or now if this notebook runs
+# alone). The LM is a tiny Llama pretrained on text only: the same conversations, with
+# `<image>` replaced by a sentence that *describes* the scene ("Scene: a small red circle at
+# the top left. ..."). From text alone it learns the answer formats and how to count, compare
+# and locate things that are described to it. It has never seen an image: that is the
+# situation of a real LLM before LLaVA's stage 1.
+
+# %%
+tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
+clip_recipe = ClipRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
+                         train_scenes=clip_train_scenes, steps=clip_steps,
+                         batch_size=clip_batch_size)
+if vlm_checkpoint:
+    vlm, processor, tokenizer = load_vlm(vlm_checkpoint, device=dev)
+    lm_history = []
+else:
+    clip, processor, _ = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
+    if lm_checkpoint:
+        lm, tokenizer = build_lm(checkpoint=lm_checkpoint)
+        lm_history = []
+    else:
+        lm_recipe = LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes, scenes=lm_scenes,
+                             steps=lm_steps)
+        start = time.perf_counter()
+        lm, lm_history = pretrained_lm(cache_dir, tokenizer, lm_recipe, device=dev, log=None)
+        lm_seconds = time.perf_counter() - start
+    vlm = build_vlm(clip, lm, tokenizer, seed=seed).to(dev)
+n_image_tokens = image_seq_length(vlm)
+image_size = vlm.config.vision_config.image_size
+for part, (trainable, total) in trainable_summary(vlm).items():
+    print(f"{part:>9}: {total / 1e6:.3f} M parameters")
+print(f"one image = {n_image_tokens} vision tokens ({image_size}x{image_size} pixels, "
+      f"{vlm.config.vision_config.patch_size}-pixel patches, CLS dropped)")
+
+# %% [markdown]
+# ## The model's view of a sample: which tokens carry the loss
+#
+# The collator renders a conversation through the tokenizer's chat template, expands
+# `<image>` into one placeholder per vision token (the model swaps in the projected image
+# features there), and builds the labels: a copy of the input ids on the assistant's replies
+# and their end-of-turn token, `-100` (ignored by the cross-entropy) everywhere else. Green
+# tokens below carry loss; grey ones are context.
+
+# %%
+multi = next(r for r in test_records if r["task"] == "multi_turn")
+example = build_example(tokenizer, multi["conversations"], n_image_tokens,
+                        image_token_id(tokenizer))
+in_loss = [label != IGNORE_INDEX for label in example["labels"]]
+display(HTML(assistant_mask_html(tokenizer, {"input_ids": example["input_ids"],
+                                             "assistant_mask": in_loss})))
+n_image = example["input_ids"].count(image_token_id(tokenizer))
+print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry loss, "
+      f"{len(in_loss) - n_image - sum(in_loss)} are template and human text")
+
+# %% [markdown]
+# Why only the assistant's tokens? The model's job is to *answer*. The questions are given,
+# not generated: putting them in the loss would spend capacity on predicting what users ask,
+# and would teach the model to continue a conversation by writing the user's next question.
+# In this record most tokens are context (the vision tokens and the questions); the loss
+# averages over the few tokens that are the reply. The same function, `build_example`,
+# checks the edge cases: a conversation cut by `max_length` keeps its image tokens (an error
+# says so if it cannot), and one left with no assistant token is reported and skipped rather
+# than trained as a zero loss.
+
+# %% [markdown]
+# ## Encoding the training set
+#
+# Every record is encoded once (tokens, labels, and its image through the vision tower's own
+# image processor). Stage 1 uses the description records alone, as LLaVA's stage 1 uses
+# image-caption pairs; stage 2 uses every task type.
+
+# %%
+def load_image(record):
+    return render_scene(scenes_by_id[record["scene_id"]], image_size)
+
+
+train_all = encode_records(records, tokenizer, processor, n_image_tokens, load_image)
+train_captions = encode_records([r for r in records if r["task"] == "description"], tokenizer,
+                                processor, n_image_tokens, load_image)
+test_pixels = pixel_values_for(processor, [render_scene(test_by_id[r["scene_id"]], image_size)
+                                           for r in test_records])
+print(f"stage 1: {len(train_captions)} description records; stage 2: {len(train_all)} records "
+      f"of {len(set(train_all.tasks))} task types; skipped (no assistant token): "
+      f"{len(train_all.skipped)}")
+
+
+seconds = {}
+
+
+def run_stage(stage, data, steps, lr):
+    """Freeze the model as LLaVA's `stage` does, then train it with the shared loop."""
+    start = time.perf_counter()
+    counts = apply_stage(vlm, stage)
+    print(f"{stage}: training {', '.join(p for p, n in counts.items() if n)} "
+          f"({sum(counts.values()) / 1e6:.3f} M parameters); frozen: "
+          f"{', '.join(p for p, n in counts.items() if not n)}")
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.03,
+                         log_every=max(1, steps // 4), progress=progress)
+    history = train(vlm, lambda batch: instruction_tuning_step(vlm, batch),
+                    lambda step: data.batch(batch_size, step, seed=seed,
+                                            pad_id=tokenizer.pad_token_id),
+                    config, device=dev)
+    seconds[stage] = time.perf_counter() - start
+    return history
+
+
+def score(name):
+    scores = evaluate_tasks(vlm, tokenizer, test_records, test_by_id, test_pixels,
+                            max_new_tokens=max_new_tokens)
+    table = scores.by_task()
+    metrics[name] = {task: round(row["accuracy"], 4) for task, row in table.items()}
+    metrics[f"{name}_mean_task_accuracy"] = scores.mean_task_accuracy()
+    metrics[f"{name}_hallucination_rate"] = scores.hallucination_rate()
+    return scores
+
+# %% [markdown]
+# ## Before any multimodal training
+#
+# The assembled model has a random projector: the LM receives 36 vectors it has never seen
+# where it expects a description. What does it say?
+
+# %%
+before = score("before")
+for answer in before.answers[:3]:
+    print(f"Q: {answer['question']}\nA: {answer['answer']!r}\n   (reference: {answer['reference']!r})")
+print(f"mean task accuracy {metrics['before_mean_task_accuracy']:.3f}")
+
+# %% [markdown]
+# ## Stage 1: feature alignment (projector only)
+#
+# LLaVA's stage 1 freezes the vision encoder *and* the LLM and trains only the projector on
+# image-caption pairs (595K pairs filtered from CC3M). The LM cannot change; the projector
+# must learn to produce vision tokens that the frozen LM reads like a description of the
+# image. Here: description records, projector only.
+
+# %%
+stage1 = run_stage("stage1", train_captions, stage1_steps, stage1_lr)
+after1 = score("stage1")
+
+# %% [markdown]
+# ## Stage 2: instruction tuning (projector and LM)
+#
+# Stage 2 keeps the vision encoder frozen and trains the projector and the LM on the
+# instruction data (LLaVA-1.5: 665K conversations) of every task type.
+
+# %%
+stage2 = run_stage("stage2", train_all, stage2_steps, stage2_lr)
+after2 = score("stage2")
+
+# %% [markdown]
+# ## The curves, and what each stage bought per task type
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+if lm_history:
+    plot_curves({"text-only LM": ([r["step"] for r in lm_history], [r["loss"] for r in lm_history])},
+                "LM pretraining on the world's text", ylabel="loss", ax=axes[0], smooth=10)
+plot_curves({"stage 1": stage1.series("loss")}, "Stage 1: projector only", ylabel="loss",
+            ax=axes[1], smooth=10)
+plot_curves({"stage 2": stage2.series("loss")}, "Stage 2: projector + LM", ylabel="loss",
+            ax=axes[2], smooth=10)
+plt.show()
+
+# %%
+rows = [("task", "before", "stage 1", "stage 2", "hallucinations (stage 2)")]
+table1, table2, table0 = after1.by_task(), after2.by_task(), before.by_task()
+for task in table2:
+    rows.append((task, f"{table0[task]['accuracy']:.2f}", f"{table1[task]['accuracy']:.2f}",
+                 f"{table2[task]['accuracy']:.2f}", f"{table2[task]['hallucination_rate']:.2f}"))
+rows.append(("mean", f"{before.mean_task_accuracy():.2f}", f"{after1.mean_task_accuracy():.2f}",
+             f"{after2.mean_task_accuracy():.2f}", f"{after2.hallucination_rate():.2f}"))
+for row in rows:
+    print(f"{row[0]:>12} {row[1]:>8} {row[2]:>8} {row[3]:>8} {row[4]:>24}")
+
+fig, ax = plt.subplots(figsize=(9, 3.4))
+tasks = list(table2)
+width = 0.27
+for k, (name, table) in enumerate((("before", table0), ("stage 1", table1), ("stage 2", table2))):
+    ax.bar([i + (k - 1) * width for i in range(len(tasks))], [table[t]["accuracy"] for t in tasks],
+           width, label=name)
+ax.set_xticks(range(len(tasks)), tasks)
+ax.set_ylim(0, 1.05)
+ax.set_ylabel("judged accuracy (held-out)")
+ax.set_title(f"Accuracy per task type on {len(test_records)} held-out records")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## A conversation about a held-out image
+#
+# The model's own answers stay in the context: each question follows what it said before.
+
+# %%
+chat_scene = test_scene_list[1]
+questions = ["<image>\nDescribe the image.", "How many objects are there?",
+             "Where is the " + chat_scene.objects[0].shape + "?",
+             "What word is written in the image?"]
+conversation = []
+pixels = pixel_values_for(processor, [render_scene(chat_scene, image_size)])
+for question in questions:
+    conversation.append({"from": "human", "value": question})
+    reply = generate_replies(vlm, tokenizer, [conversation], pixels,
+                             max_new_tokens=max_new_tokens)[0]
+    conversation.append({"from": "gpt", "value": reply})
+    print(f"user:      {question.replace(chr(10), ' ').replace('<image> ', '')}\n"
+          f"assistant: {reply}")
+print("\nground truth:", scene_as_text(chat_scene))
+fig = show_images([render_scene(chat_scene, 160)], ["the held-out image of this chat"], columns=1)
+
+# %% [markdown]
+# ## Summary
+#
+# Measured in this run (also written to the metrics file):
+
+# %%
+write_metrics("3.2", metrics, output_dir)
+print(f"mean task accuracy: before {metrics['before_mean_task_accuracy']:.3f}, after stage 1 "
+      f"{metrics['stage1_mean_task_accuracy']:.3f}, after stage 2 "
+      f"{metrics['stage2_mean_task_accuracy']:.3f}; hallucination rate after stage 2 "
+      f"{metrics['stage2_hallucination_rate']:.3f}")
+
+# %% tags=["nbval-ignore-output"]
+if not vlm_checkpoint and not lm_checkpoint:
+    seconds["LM (built or loaded)"] = lm_seconds
+print("wall times:", {name: f"{value:.0f} s" for name, value in seconds.items()})
