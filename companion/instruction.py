@@ -145,6 +145,25 @@ def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 # ----------------------------------------------------------------------------- pre-encoded data
 
+def grouped_rows(lengths: Sequence[int], batch_size: int, step: int, seed: int = 0,
+                 group: int = 8) -> list[int]:
+    """Row indices of the batch of ``step`` (random, with replacement, deterministic in
+    ``(seed, step)``), drawn ``group`` batches at a time and sorted by length so that each
+    batch holds sequences of similar length (see :meth:`InstructionData.batch`)."""
+    if batch_size < 1 or group < 1:
+        raise ValueError(f"batch_size={batch_size} and group={group} must be positive")
+    if not lengths:
+        raise ValueError("no rows to draw a batch from")
+    block, slot = divmod(step, group)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+    rows = torch.randint(len(lengths), (batch_size * group,), generator=generator).tolist()
+    if group > 1:
+        rows.sort(key=lambda r: lengths[r])
+        order = torch.randperm(group, generator=generator).tolist()
+        rows = rows[order[slot] * batch_size:(order[slot] + 1) * batch_size]
+    return rows
+
+
 @dataclass
 class InstructionData:
     """A training set encoded once: examples, one image per record, and what was skipped."""
@@ -167,15 +186,8 @@ class InstructionData:
         similar length and little compute goes into padding (Hugging Face's
         ``group_by_length``). Every row is still equally likely to be drawn.
         """
-        if batch_size < 1 or group < 1:
-            raise ValueError(f"batch_size={batch_size} and group={group} must be positive")
-        block, slot = divmod(step, group)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        rows = torch.randint(len(self), (batch_size * group,), generator=generator).tolist()
-        if group > 1:
-            rows.sort(key=lambda r: len(self.examples[r]["input_ids"]))
-            order = torch.randperm(group, generator=generator).tolist()
-            rows = rows[order[slot] * batch_size:(order[slot] + 1) * batch_size]
+        rows = grouped_rows([len(e["input_ids"]) for e in self.examples], batch_size, step,
+                            seed, group)
         out = pad_examples([self.examples[r] for r in rows], pad_id)
         out["pixel_values"] = self.pixel_values[rows]
         return out

@@ -116,28 +116,6 @@ def lm_corpus(n_scenes: int, seed: int) -> list[list[dict]]:
     return text_only_conversations(records, {s.scene_id: s for s in scenes})
 
 
-def encode_texts(tokenizer, conversations: list[list[dict]], max_length: int):
-    """Pad chat-formatted conversations to a batch; labels cover every token (pretraining)."""
-    from companion.tokenizer import encode_chat
-
-    rows = []
-    for index, turns in enumerate(conversations):
-        ids = encode_chat(tokenizer, turns)["input_ids"]
-        if len(ids) > max_length:
-            raise ValueError(f"text-only conversation {index} has {len(ids)} tokens, more than "
-                             f"max_length={max_length}")
-        rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
 @dataclass(frozen=True)
 class LMRecipe:
     """Text-only pretraining of the chapter's LM (the "pretrained LLM" of LLaVA)."""
@@ -159,13 +137,23 @@ def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0):
     """Train a tiny LM on text-only conversations; returns ``(model, history)``."""
     from companion.train import TrainConfig, train
 
+    from companion.instruction import grouped_rows, pad_examples
+    from companion.tokenizer import encode_chat
+
     model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
-    corpus = lm_corpus(recipe.scenes, recipe.seed)
+    encoded = []
+    for index, turns in enumerate(lm_corpus(recipe.scenes, recipe.seed)):
+        ids = encode_chat(tokenizer, turns)["input_ids"]
+        if len(ids) > recipe.max_length:
+            raise ValueError(f"text-only conversation {index} has {len(ids)} tokens, more than "
+                             f"max_length={recipe.max_length}")
+        encoded.append({"input_ids": ids, "labels": ids})
+    lengths = [len(e["input_ids"]) for e in encoded]
     model.to(device)
 
-    def next_batch(step):
-        rng = random.Random(f"lm:{recipe.seed}:{step}")
-        return encode_texts(tokenizer, rng.sample(corpus, recipe.batch_size), recipe.max_length)
+    def next_batch(step):  # batches of similar length: little compute spent on padding
+        rows = grouped_rows(lengths, recipe.batch_size, step, seed=recipe.seed)
+        return pad_examples([encoded[r] for r in rows], tokenizer.pad_token_id)
 
     def loss_fn(batch):
         return model(**batch).loss
@@ -186,7 +174,8 @@ def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="
     from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     recipe = recipe or LMRecipe()
-    config = {"kind": "lm", "recipe": recipe.to_dict(),
+    # "procedure" changes whenever pretrain_lm trains differently for the same recipe
+    config = {"kind": "lm", "procedure": 2, "recipe": recipe.to_dict(),
               "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS,
                             "size": len(tokenizer)}}
 
