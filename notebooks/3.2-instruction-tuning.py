@@ -47,8 +47,8 @@ train_scenes = 3000  # scenes of the instruction data (one record of each task t
 test_scenes = 60  # held-out scenes for the per-task evaluation
 stage1_steps = 300  # stage 1 (projector only) optimiser steps, on description records
 stage1_lr = 1e-3  # stage 1 peak learning rate (LLaVA-1.5: 1e-3)
-stage2_steps = 800  # stage 2 (projector + LM) optimiser steps, on all task types
-stage2_lr = 1e-3  # stage 2 peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
+stage2_steps = 1600  # stage 2 (projector + LM) optimiser steps, on all task types
+stage2_lr = 2e-3  # stage 2 peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
 batch_size = 32  # conversations per batch in both stages
 max_new_tokens = 48  # longest generated answer, in tokens
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
@@ -304,6 +304,10 @@ rows.append(("mean", f"{before.mean_task_accuracy():.2f}", f"{after1.mean_task_a
              f"{after2.mean_task_accuracy():.2f}", f"{after2.hallucination_rate():.2f}"))
 for row in rows:
     print(f"{row[0]:>12} {row[1]:>8} {row[2]:>8} {row[3]:>8} {row[4]:>24}")
+gains = {task: table2[task]["accuracy"] - table1[task]["accuracy"] for task in table2}
+print(f"\nstage 1 changed the mean accuracy by {after1.mean_task_accuracy() - before.mean_task_accuracy():+.3f}; "
+      f"stage 2 by {after2.mean_task_accuracy() - after1.mean_task_accuracy():+.3f} "
+      f"(smallest gain: {min(gains, key=gains.get)} {min(gains.values()):+.2f})")
 
 fig, ax = plt.subplots(figsize=(9, 3.4))
 tasks = list(table2)
@@ -317,6 +321,15 @@ ax.set_ylabel("judged accuracy (held-out)")
 ax.set_title(f"Accuracy per task type on {len(test_records)} held-out records")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# How to read this. Stage 1 teaches the projector alone to produce vision tokens that the
+# frozen LM reads like a description; with an LM this small (two layers) and 300 steps,
+# that alignment is weak, and the table shows how much of it carried over to each task.
+# Stage 2 lets the LM itself learn to read the vision tokens and answer every task type:
+# that is where the gains come from here. The hardest checks are the strictest: a
+# description passes only if *every* object is named with the right size, colour, shape and
+# position and nothing is added, and a box needs an overlap (IoU) of at least 0.5.
 
 # %% [markdown]
 # ## A conversation about a held-out image
