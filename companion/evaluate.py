@@ -108,3 +108,31 @@ def zero_shot_classify(
         scores = torch.einsum("nd,cpd->ncp", images, prompts)          # [N, C, P]
         return scores.amax(dim=2).argmax(dim=1)                        # [N]
     raise ValueError(f"reduction={reduction!r}: use 'mean' or 'max'")
+
+
+def caption_quality(scenes, captions) -> dict[str, float]:
+    """Judge generated captions against their scenes (the world's ground truth).
+
+    Returns the mean attribute-level precision, recall and F1 of the facts the captions
+    state (size, colour, shape and region of each object; the word and its region), the
+    share of captions that describe their scene exactly (every object right, nothing
+    extra), and the hallucination rate: the share of captions that mention an object,
+    colour, count or word that is not in the scene.
+    """
+    from companion.world import judge_answer, judge_description
+
+    scenes, captions = list(scenes), list(captions)
+    if len(scenes) != len(captions):
+        raise ValueError(f"caption_quality: {len(scenes)} scenes but {len(captions)} captions")
+    if not scenes:
+        raise ValueError("caption_quality got no captions to judge")
+    totals = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "exact": 0.0, "hallucination_rate": 0.0}
+    for scene, caption in zip(scenes, captions):
+        facts = judge_description(scene, caption)
+        verdict = judge_answer(scene, caption, {"kind": "describe"})
+        totals["precision"] += facts.precision
+        totals["recall"] += facts.recall
+        totals["f1"] += facts.f1
+        totals["exact"] += float(verdict.passed)
+        totals["hallucination_rate"] += float(bool(verdict.hallucinations))
+    return {key: value / len(scenes) for key, value in totals.items()}

@@ -105,3 +105,20 @@ def test_bad_inputs_are_reported(setup):
     texts["labels"][:] = IGNORE_INDEX
     with pytest.raises(ValueError, match="no caption token"):
         generation_loss(model, torch.zeros(1, 3, 16, 16), texts)
+
+
+def test_caption_quality_scores_facts_and_hallucinations():
+    from companion.evaluate import caption_quality
+    from companion.world import canonical_caption
+
+    scenes = make_scenes(6, seed=21)
+    perfect = caption_quality(scenes, [canonical_caption(s) for s in scenes])
+    assert perfect == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "exact": 1.0,
+                       "hallucination_rate": 0.0}
+    invented = caption_quality(scenes, ["a large pink star at the center."] * len(scenes))
+    assert invented["hallucination_rate"] == 1.0 and invented["exact"] == 0.0
+    assert invented["precision"] < 0.5
+    empty = caption_quality(scenes, [""] * len(scenes))
+    assert empty["recall"] == 0.0 and empty["exact"] == 0.0
+    with pytest.raises(ValueError, match="6 scenes but 5 captions"):
+        caption_quality(scenes, [""] * 5)

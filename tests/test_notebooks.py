@@ -118,6 +118,7 @@ SMOKE_EXPECTATIONS = {
     "3.0": ["n_scenes", "judge_reference_accuracy", "tokenizer_vocab_size"],
     "3.1.1": ["heldout_i2t_R@1", "initial_i2t_R@1", "final_temperature"],
     "3.1.2": ["hard_minus_random_fine_grained", "mining_temperature"],
+    "3.1.3": ["f1_before", "f1_after", "hallucination_after"],
     "3.2": ["before_mean_task_accuracy", "stage1_mean_task_accuracy",
             "stage2_mean_task_accuracy", "stage2_hallucination_rate"],
 }
