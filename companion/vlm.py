@@ -15,11 +15,9 @@ projector to turn image features into something the frozen LM reads like that de
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 
 from companion.tokenizer import IMAGE_TOKEN
 

@@ -1,6 +1,5 @@
 """Instruction tuning: labels token by token, truncation, freeze policies, the VLM."""
 
-import random
 import warnings
 
 import pytest
