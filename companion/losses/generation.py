@@ -32,7 +32,9 @@ def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, imag
         raise ValueError("caption_inputs needs a tokenizer with bos and eos tokens")
     if not captions:
         raise ValueError("caption_inputs got no captions")
-    rows, label_rows = [], []
+    from companion.instruction import pad_examples
+
+    examples = []
     for index, caption in enumerate(captions):
         text = tokenizer(caption, add_special_tokens=False)["input_ids"]
         if not text:
@@ -42,18 +44,9 @@ def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, imag
             raise ValueError(f"caption {index} needs {len(ids)} tokens with the {n_image_tokens} "
                              f"vision tokens, more than max_length={max_length}")
         labels = [IGNORE_INDEX] * (n_image_tokens + 1) + text + [tokenizer.eos_token_id]
-        rows.append(ids)
-        label_rows.append(labels)
-    length = max(len(r) for r in rows)
+        examples.append({"input_ids": ids, "labels": labels})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, label_rows)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        attention_mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return pad_examples(examples, pad)
 
 
 def generation_loss(model, images: torch.Tensor, texts: dict[str, torch.Tensor]) -> torch.Tensor:
