@@ -233,18 +233,25 @@ def prompt_ids(tokenizer, conversations: list[dict], n_image_tokens: int) -> lis
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, conversations: Sequence[list[dict]],
-                     pixel_values: torch.Tensor, max_new_tokens: int = 48,
-                     do_sample: bool = False, temperature: float = 1.0,
-                     generator_seed: int | None = None) -> list[str]:
-    """The model's next assistant reply to each conversation (greedy unless ``do_sample``)."""
-    from companion.vlm import end_of_turn_id, image_seq_length
+def generate_tokens(model, tokenizer, conversations: Sequence[list[dict]],
+                    pixel_values: torch.Tensor, max_new_tokens: int = 48,
+                    do_sample: bool = False, temperature: float = 1.0,
+                    generator_seed: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """``(prompts, replies)``: each conversation's prompt ids (ending with the assistant
+    header) and the token ids the model wrote after it, cut after its first end-of-turn token
+    (kept, since it is part of the reply the model is trained to write). Greedy unless
+    ``do_sample``; prompts are left-padded so that every reply starts at the same column.
+    The ``<image>`` placeholder is never generated (a reply containing it could not be fed
+    back to the model: every placeholder must match an image feature)."""
+    from companion.vlm import end_of_turn_id, image_seq_length, image_token_id
 
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be positive when sampling")
     model.eval()
     device = next(model.parameters()).device
     n_image = image_seq_length(model)
-    batch = pad_examples([{"input_ids": prompt_ids(tokenizer, c, n_image)} for c in conversations],
-                         tokenizer.pad_token_id, side="left")
+    prompts = [prompt_ids(tokenizer, c, n_image) for c in conversations]
+    batch = pad_examples([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     end = end_of_turn_id(tokenizer)
@@ -252,14 +259,33 @@ def generate_replies(model, tokenizer, conversations: Sequence[list[dict]],
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
         pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None,
-        top_k=None, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
-    new = output[:, batch["input_ids"].shape[1]:]
+        top_k=None, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[image_token_id(tokenizer)])
     replies = []
-    for row in new.tolist():
-        if end in row:
-            row = row[:row.index(end)]
-        replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return replies
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        replies.append(row[:row.index(end) + 1] if end in row else row)
+    return prompts, replies
+
+
+def decode_reply(tokenizer, reply: Sequence[int]) -> str:
+    """The text of a generated reply (without its end-of-turn token)."""
+    from companion.vlm import end_of_turn_id
+
+    reply = list(reply)
+    end = end_of_turn_id(tokenizer)
+    if end in reply:
+        reply = reply[:reply.index(end)]
+    return tokenizer.decode(reply, skip_special_tokens=True).strip()
+
+
+def generate_replies(model, tokenizer, conversations: Sequence[list[dict]],
+                     pixel_values: torch.Tensor, max_new_tokens: int = 48,
+                     do_sample: bool = False, temperature: float = 1.0,
+                     generator_seed: int | None = None) -> list[str]:
+    """The model's next assistant reply to each conversation (greedy unless ``do_sample``)."""
+    _, replies = generate_tokens(model, tokenizer, conversations, pixel_values, max_new_tokens,
+                                 do_sample, temperature, generator_seed)
+    return [decode_reply(tokenizer, reply) for reply in replies]
 
 
 @dataclass
@@ -324,3 +350,170 @@ def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict
                     "hallucinations": list(result.hallucinations)})
                 history[i] = conv + [{"from": "gpt", "value": reply}]
     return TaskScores(answers)
+
+
+# ----------------------------------------------------------------------------- the section's run
+
+@dataclass(frozen=True)
+class InstructionRecipe:
+    """Everything that decides the instruction-tuned VLM of section 3.2 (its cache key).
+
+    The defaults are notebook 3.2's defaults; later sections (RLHF, DPO) start from the
+    model this recipe makes, loaded from the cache or trained on the spot.
+    """
+
+    seed: int = 0
+    tokenizer_scenes: int = 2000
+    clip_train_scenes: int = 8000   # the CLIP recipe of 3.1.1
+    clip_steps: int = 1800
+    clip_batch_size: int = 64
+    lm_scenes: int = 3000           # the text-only LM recipe
+    lm_steps: int = 600
+    train_scenes: int = 3000        # scenes of the instruction data
+    stage1_steps: int = 300
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 1600
+    stage2_lr: float = 2e-3
+    batch_size: int = 32
+
+    def __post_init__(self):
+        for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"InstructionRecipe.{name}={getattr(self, name)} must be >= 1")
+        for name in ("stage1_lr", "stage2_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"InstructionRecipe.{name}={getattr(self, name)} must be > 0")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def clip_recipe(self):
+        from companion.clip import ClipRecipe
+
+        return ClipRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
+                          train_scenes=self.clip_train_scenes, steps=self.clip_steps,
+                          batch_size=self.clip_batch_size)
+
+    def lm_recipe(self):
+        from companion.vlm import LMRecipe
+
+        return LMRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
+                        scenes=self.lm_scenes, steps=self.lm_steps)
+
+
+def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
+    """``(scenes_by_id, records)`` of the section's training data: one record of each task
+    type per scene (scene ids from 30,000,000, so they never meet another section's)."""
+    from companion.world import make_instruction_dataset, make_scenes
+
+    scenes = make_scenes(recipe.train_scenes, seed=recipe.seed + 2, start_id=30_000_000)
+    return ({s.scene_id: s for s in scenes},
+            make_instruction_dataset(scenes, seed=recipe.seed + 2))
+
+
+def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, processor,
+                      n_image_tokens: int, image_size: int) -> dict[str, InstructionData]:
+    """The two stages' training sets: ``stage1`` (description records: LLaVA's stage 1
+    trains on image-caption pairs) and ``stage2`` (every task type)."""
+    from companion.world import render_scene
+
+    def load_image(record):
+        return render_scene(scenes_by_id[record["scene_id"]], image_size)
+
+    return {"stage1": encode_records([r for r in records if r["task"] == "description"],
+                                     tokenizer, processor, n_image_tokens, load_image),
+            "stage2": encode_records(records, tokenizer, processor, n_image_tokens, load_image)}
+
+
+def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
+                batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
+                log: Callable[[str], None] | None = print):
+    """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`) and train it
+    on ``data`` with the assistant-only loss; returns the training history."""
+    from companion.stages import apply_stage
+    from companion.train import TrainConfig, train
+
+    counts = apply_stage(model, stage)
+    if log:
+        log(f"{stage}: training {', '.join(p for p, n in counts.items() if n)} "
+            f"({sum(counts.values()) / 1e6:.3f} M parameters); frozen: "
+            f"{', '.join(p for p, n in counts.items() if not n)}")
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.03,
+                         log_every=max(1, steps // 4) if log else 0, progress=progress)
+    return train(model, lambda batch: instruction_tuning_step(model, batch),
+                 lambda step: data.batch(batch_size, step, seed=seed, pad_id=pad_id),
+                 config, device=device, print_fn=log or (lambda _: None))
+
+
+def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:
+    from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+    from companion.vlm import TinyLMConfig
+
+    return {"kind": "vlm-instruction", "procedure": 1, "recipe": recipe.to_dict(),
+            "lm_sizes": TinyLMConfig().to_dict(),
+            "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}}
+
+
+def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=None):
+    """Run section 3.2 end to end: CLIP and LM (from the cache or trained), the VLM, stage 1,
+    stage 2. Returns ``(model, processor, tokenizer, {"stage1": history, "stage2": ...})``."""
+    from companion.clip import pretrained_clip
+    from companion.tokenizer import world_tokenizer
+    from companion.vlm import build_vlm, image_seq_length, pretrained_lm
+
+    tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
+    clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=device, log=log)
+    lm, _ = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(), device=device, log=log)
+    model = build_vlm(clip, lm, tokenizer, seed=recipe.seed).to(device)
+    scenes_by_id, records = instruction_records(recipe)
+    data = encode_stage_data(records, scenes_by_id, tokenizer, processor,
+                             image_seq_length(model), model.config.vision_config.image_size)
+    histories = {}
+    for stage, steps, lr in (("stage1", recipe.stage1_steps, recipe.stage1_lr),
+                             ("stage2", recipe.stage2_steps, recipe.stage2_lr)):
+        histories[stage] = train_stage(model, stage, data[stage], steps, lr, recipe.batch_size,
+                                       recipe.seed, tokenizer.pad_token_id, device, log=log)
+    return model, processor, tokenizer, histories
+
+
+def _save_instruction_tuned(folder, model, processor, tokenizer, histories) -> None:
+    import json
+    from pathlib import Path
+
+    from companion.vlm import save_vlm
+
+    save_vlm(folder, model, processor, tokenizer)
+    (Path(folder) / "history.json").write_text(json.dumps(
+        {stage: h.steps for stage, h in histories.items()}))
+
+
+def publish_instruction_tuned(cache_dir, recipe: InstructionRecipe, model, processor, tokenizer,
+                              histories: dict, log=print):
+    """Store the model a notebook trained with ``recipe`` where
+    :func:`instruction_tuned_vlm` finds it."""
+    from companion.artifacts import cached_artifact
+
+    return cached_artifact(cache_dir, "vlm-sft", _instruction_artifact_config(recipe),
+                           lambda folder: _save_instruction_tuned(folder, model, processor,
+                                                                  tokenizer, histories), log=log)
+
+
+def instruction_tuned_vlm(cache_dir, recipe: InstructionRecipe | None = None, device="cpu",
+                          log=print):
+    """The instruction-tuned VLM of section 3.2 ``(model, processor, tokenizer)``: from the
+    cache, or trained now with ``recipe`` (default: the section's default run) and cached."""
+    from companion.artifacts import cached_artifact
+    from companion.vlm import load_vlm
+
+    recipe = recipe or InstructionRecipe()
+
+    def build(folder):
+        model, processor, tokenizer, histories = instruction_tune(recipe, cache_dir, device)
+        _save_instruction_tuned(folder, model, processor, tokenizer, histories)
+
+    folder = cached_artifact(cache_dir, "vlm-sft", _instruction_artifact_config(recipe), build,
+                             log=log)
+    model, processor, tokenizer = load_vlm(folder, device=device)
+    return model.eval(), processor, tokenizer

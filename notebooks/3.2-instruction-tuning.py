@@ -66,18 +66,18 @@ import torch
 from IPython.display import HTML, display
 
 from companion.book import write_metrics
-from companion.clip import ClipRecipe, pixel_values_for, pretrained_clip
+from companion.clip import pixel_values_for, pretrained_clip
 from companion.data.llava import validate_llava_records
-from companion.instruction import (IGNORE_INDEX, build_example, encode_records,
-                                   evaluate_tasks, generate_replies, instruction_tuning_step)
+from companion.instruction import (IGNORE_INDEX, InstructionRecipe, build_example,
+                                   encode_stage_data, evaluate_tasks, generate_replies,
+                                   instruction_records, publish_instruction_tuned, train_stage)
 from companion.plots import plot_curves, show_images
 from companion.runtime import setup
-from companion.stages import apply_stage, trainable_summary
+from companion.stages import trainable_summary
 from companion.tokenizer import assistant_mask_html, world_tokenizer
-from companion.train import TrainConfig, train
-from companion.vlm import (LMRecipe, build_lm, build_vlm, image_seq_length, image_token_id,
+from companion.vlm import (build_lm, build_vlm, image_seq_length, image_token_id,
                            load_vlm, pretrained_lm, scene_as_text)
-from companion.world import (TASK_TYPES, make_instruction_dataset, make_scenes, render_scene)
+from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, render_scene
 
 %matplotlib inline
 dev = setup(seed=seed, device=device, threads=threads)
@@ -112,9 +112,12 @@ print("the seed's sample is a valid LLaVA record:",
 # how the judge scores the model's free-text answers later.
 
 # %%
-scenes = make_scenes(train_scenes, seed=seed + 2, start_id=30_000_000)
-scenes_by_id = {s.scene_id: s for s in scenes}
-records = make_instruction_dataset(scenes, seed=seed + 2)
+recipe = InstructionRecipe(
+    seed=seed, tokenizer_scenes=tokenizer_scenes, clip_train_scenes=clip_train_scenes,
+    clip_steps=clip_steps, clip_batch_size=clip_batch_size, lm_scenes=lm_scenes,
+    lm_steps=lm_steps, train_scenes=train_scenes, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
+    stage2_steps=stage2_steps, stage2_lr=stage2_lr, batch_size=batch_size)
+scenes_by_id, records = instruction_records(recipe)
 test_scene_list = make_scenes(test_scenes, seed=seed + 3, start_id=40_000_000)
 test_by_id = {s.scene_id: s for s in test_scene_list}
 test_records = make_instruction_dataset(test_scene_list, seed=seed + 3)
@@ -125,7 +128,7 @@ for task in TASK_TYPES:
     turns = record["conversations"]
     print(f"{task:>12}: {turns[0]['value'].replace(chr(10), ' ')!r} -> {turns[1]['value']!r}"
           + (f"  (+{len(turns) // 2 - 1} more turns)" if len(turns) > 2 else ""))
-print(f"\n{len(records)} training records about {len(scenes)} scenes; {len(test_records)} "
+print(f"\n{len(records)} training records about {len(scenes_by_id)} scenes; {len(test_records)} "
       f"held-out records about {len(test_scene_list)} other scenes")
 
 # %% [markdown]
@@ -140,22 +143,18 @@ print(f"\n{len(records)} training records about {len(scenes)} scenes; {len(test_
 
 # %%
 tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
-clip_recipe = ClipRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
-                         train_scenes=clip_train_scenes, steps=clip_steps,
-                         batch_size=clip_batch_size)
 if vlm_checkpoint:
     vlm, processor, tokenizer = load_vlm(vlm_checkpoint, device=dev)
     lm_history = []
 else:
-    clip, processor, _ = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
+    clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=dev, log=None)
     if lm_checkpoint:
         lm, tokenizer = build_lm(checkpoint=lm_checkpoint)
         lm_history = []
     else:
-        lm_recipe = LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes, scenes=lm_scenes,
-                             steps=lm_steps)
         start = time.perf_counter()
-        lm, lm_history = pretrained_lm(cache_dir, tokenizer, lm_recipe, device=dev, log=None)
+        lm, lm_history = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(), device=dev,
+                                       log=None)
         lm_seconds = time.perf_counter() - start
     vlm = build_vlm(clip, lm, tokenizer, seed=seed).to(dev)
 n_image_tokens = image_seq_length(vlm)
@@ -203,13 +202,9 @@ print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry los
 # image-caption pairs; stage 2 uses every task type.
 
 # %%
-def load_image(record):
-    return render_scene(scenes_by_id[record["scene_id"]], image_size)
-
-
-train_all = encode_records(records, tokenizer, processor, n_image_tokens, load_image)
-train_captions = encode_records([r for r in records if r["task"] == "description"], tokenizer,
-                                processor, n_image_tokens, load_image)
+stage_data = encode_stage_data(records, scenes_by_id, tokenizer, processor, n_image_tokens,
+                               image_size)
+train_captions, train_all = stage_data["stage1"], stage_data["stage2"]
 test_pixels = pixel_values_for(processor, [render_scene(test_by_id[r["scene_id"]], image_size)
                                            for r in test_records])
 print(f"stage 1: {len(train_captions)} description records; stage 2: {len(train_all)} records "
@@ -223,16 +218,8 @@ seconds = {}
 def run_stage(stage, data, steps, lr):
     """Freeze the model as LLaVA's `stage` does, then train it with the shared loop."""
     start = time.perf_counter()
-    counts = apply_stage(vlm, stage)
-    print(f"{stage}: training {', '.join(p for p, n in counts.items() if n)} "
-          f"({sum(counts.values()) / 1e6:.3f} M parameters); frozen: "
-          f"{', '.join(p for p, n in counts.items() if not n)}")
-    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.03,
-                         log_every=max(1, steps // 4), progress=progress)
-    history = train(vlm, lambda batch: instruction_tuning_step(vlm, batch),
-                    lambda step: data.batch(batch_size, step, seed=seed,
-                                            pad_id=tokenizer.pad_token_id),
-                    config, device=dev)
+    history = train_stage(vlm, stage, data, steps, lr, batch_size, seed, tokenizer.pad_token_id,
+                          device=dev, progress=progress)
     seconds[stage] = time.perf_counter() - start
     return history
 
@@ -360,6 +347,9 @@ fig = show_images([render_scene(chat_scene, 160)], ["the held-out image of this 
 
 # %%
 write_metrics("3.2", metrics, output_dir)
+if not vlm_checkpoint and not lm_checkpoint:  # later sections (RLHF, DPO) start from this model
+    publish_instruction_tuned(cache_dir, recipe, vlm, processor, tokenizer,
+                              {"stage1": stage1, "stage2": stage2}, log=None)
 print(f"mean task accuracy: before {metrics['before_mean_task_accuracy']:.3f}, after stage 1 "
       f"{metrics['stage1_mean_task_accuracy']:.3f}, after stage 2 "
       f"{metrics['stage2_mean_task_accuracy']:.3f}; hallucination rate after stage 2 "

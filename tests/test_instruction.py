@@ -296,3 +296,31 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_data(tokenizer, 
     assert padding[8] < 0.5 * padding[1]
     with pytest.raises(ValueError, match="must be positive"):
         data.batch(0, step=0)
+
+
+def test_instruction_tuned_vlm_is_cached_and_equals_a_published_run(tmp_path):
+    """Section 3.2's model is built once per recipe; a notebook's own run (the same
+    `instruction_tune`) published to the cache is bit-identical to what the cache builds."""
+    from companion.instruction import (InstructionRecipe, instruction_tune, instruction_tuned_vlm,
+                                       publish_instruction_tuned)
+
+    recipe = InstructionRecipe(tokenizer_scenes=40, clip_train_scenes=32, clip_steps=2,
+                               clip_batch_size=8, lm_scenes=10, lm_steps=2, train_scenes=8,
+                               stage1_steps=2, stage2_steps=3, batch_size=4)
+    messages = []
+    model, _, tokenizer = instruction_tuned_vlm(tmp_path / "a", recipe, log=messages.append)
+    again, _, _ = instruction_tuned_vlm(tmp_path / "a", recipe, log=messages.append)
+    assert [m.split()[0] for m in messages if "vlm-sft" in m] == ["building", "loaded"]
+    run, processor, run_tokenizer, histories = instruction_tune(recipe, tmp_path / "a")
+    assert set(histories) == {"stage1", "stage2"} and len(histories["stage2"].steps) == 3
+    published = publish_instruction_tuned(tmp_path / "b", recipe, run, processor, run_tokenizer,
+                                          histories, log=None)
+    assert published.name == next((tmp_path / "a").glob("vlm-sft-*")).name  # same cache key
+    loaded, _, _ = instruction_tuned_vlm(tmp_path / "b", recipe, log=messages.append)
+    assert messages[-1].startswith("loaded")
+    for (name, a), b, c in zip(model.state_dict().items(), again.state_dict().values(),
+                               loaded.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+    assert len(tokenizer) == len(run_tokenizer)
+    with pytest.raises(ValueError, match="stage2_steps"):
+        InstructionRecipe(stage2_steps=0)
