@@ -160,3 +160,32 @@ def plot_loss_memory(results: list[dict], title: str = "Contrastive loss at CLIP
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_dpo_losses(beta: float, label_smoothing: float = 0.1, h_range: float = 20.0):
+    """Each DPO variant's loss against h = (log-ratio of chosen) − (log-ratio of rejected),
+    at ``beta`` (the curves come from :func:`companion.losses.preference.dpo_loss`)."""
+    import torch
+
+    from companion.losses.preference import dpo_loss
+
+    h = torch.linspace(-h_range, h_range, 401, dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    variants = [("sigmoid (DPO)", "sigmoid", 0.0),
+                (f"sigmoid, label smoothing {label_smoothing}", "sigmoid", label_smoothing),
+                (f"robust, ε = {label_smoothing}", "robust", label_smoothing),
+                ("hinge", "hinge", 0.0), ("IPO", "ipo", 0.0)]
+    for name, kind, eps in variants:
+        per_pair = [float(dpo_loss(h[i:i + 1], zero[i:i + 1], zero[i:i + 1], zero[i:i + 1],
+                                   beta=beta, loss_type=kind, label_smoothing=eps))
+                    for i in range(len(h))]
+        ax.plot(h.numpy(), per_pair, label=name)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_ylim(-0.1, 3.0)
+    ax.set_xlabel("h = [log π(c) − log π_ref(c)] − [log π(r) − log π_ref(r)]")
+    ax.set_ylabel("loss")
+    ax.set_title(f"DPO losses at β = {beta:g} (IPO's minimum sits at h = 1/(2β) = {1 / (2 * beta):g})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -31,3 +31,26 @@ def temperature_slider(similarity, rows: int = 4, value: float = 0.07):
     box = widgets.VBox([slider, output])
     display(box)
     return box
+
+
+def dpo_beta_slider(value: float = 0.1):
+    """A log-scale slider on DPO's β that redraws every variant's loss against h."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from companion.plots import plot_dpo_losses
+
+    slider = widgets.FloatLogSlider(value=value, base=10, min=-2, max=1, step=0.05,
+                                    description="β", continuous_update=False)
+    output = widgets.Output()
+
+    def redraw(change=None):
+        with output:
+            output.clear_output(wait=True)
+            plt.show(plot_dpo_losses(slider.value))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([slider, output])
+    display(box)
+    return box

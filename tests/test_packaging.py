@@ -32,3 +32,24 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/test.sh" in readme and "bash scripts/book.sh" in readme
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_top_level_name_resolves():
+    import companion
+
+    missing = [name for name in companion.__all__ if getattr(companion, name, None) is None]
+    assert not missing, f"companion exports names that do not resolve: {missing}"
+
+
+def test_preference_functions_work_on_plain_tensors_from_the_top_level():
+    import math
+
+    import torch
+
+    from companion import bradley_terry_loss, dpo_loss, gae
+
+    zeros = torch.zeros(3)
+    assert math.isclose(float(dpo_loss(zeros, zeros, zeros, zeros)), math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(bradley_terry_loss(zeros, zeros)), math.log(2), rel_tol=1e-6)
+    advantages, returns = gae(torch.ones(1, 3), torch.zeros(1, 3), gamma=1.0, lam=1.0)
+    assert advantages.tolist() == [[3.0, 2.0, 1.0]] and returns.tolist() == [[3.0, 2.0, 1.0]]

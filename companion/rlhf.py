@@ -1,0 +1,298 @@
+"""Section 3.3 end to end: the recipe that makes its preference data, reward model and
+PPO policy, each cached (keyed by the recipe) so every 3.3 notebook can run alone.
+
+- :func:`rlhf_prompts`: the training prompts (scenes of their own, split into the part the
+  reward model and the policies train on and a held-out part for reward-model accuracy);
+- :func:`preference_records`: sampled replies labelled by the judge (cached JSON);
+- :func:`train_reward_model` / :func:`reward_model`: the Bradley-Terry reward model;
+- :func:`ppo_policy`: the instruction-tuned model after PPO against that reward model;
+- :func:`heldout_prompts`: single-turn prompts about 3.2's held-out scenes, for the final
+  comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from companion.instruction import InstructionRecipe
+
+
+@dataclass(frozen=True)
+class RLHFRecipe:
+    """Everything that decides section 3.3's artifacts (their cache keys)."""
+
+    sft: InstructionRecipe = field(default_factory=InstructionRecipe)
+    seed: int = 0
+    scenes: int = 400               # scenes of the preference prompts (one prompt per task)
+    heldout_fraction: float = 0.2   # share of those scenes kept out of every training set
+    samples: int = 4                # replies sampled per prompt for the labeler to rank
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    pairs: str = "all"              # "all" comparisons of the K replies, or "best_worst"
+    noise: float = 0.0              # share of the labeler's choices flipped
+    hallucination_penalty: float = 0.5
+    rm_pooling: str = "last"        # "last" (the seed's head) or "mean" over reply tokens
+    rm_steps: int = 200
+    rm_lr: float = 3e-4
+    rm_batch_size: int = 16         # pairs per step
+    ppo_iterations: int = 60
+    ppo_batch_size: int = 64
+    ppo_lr: float = 5e-5
+    ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
+
+    def __post_init__(self):
+        if self.scenes < 5:
+            raise ValueError(f"RLHFRecipe.scenes={self.scenes}: need at least 5 scenes")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in (0, 1)")
+        if not 0 <= self.noise <= 1:
+            raise ValueError(f"noise={self.noise} must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _data_config(recipe: RLHFRecipe) -> dict:
+    keys = ("seed", "scenes", "samples", "temperature", "max_new_tokens", "pairs", "noise",
+            "hallucination_penalty")
+    return {"kind": "rlhf-preferences", "procedure": 1, "sft": recipe.sft.to_dict(),
+            **{k: getattr(recipe, k) for k in keys}}
+
+
+def rlhf_prompts(recipe: RLHFRecipe, processor, image_size: int):
+    """``(scenes_by_id, prompts, pixel_values, train_rows, heldout_rows)``."""
+    from companion.clip import pixel_values_for
+    from companion.preference import preference_prompts
+    from companion.world import make_scenes, render_scene
+
+    scenes = make_scenes(recipe.scenes, seed=recipe.seed + 10, start_id=50_000_000)
+    by_id = {s.scene_id: s for s in scenes}
+    prompts = preference_prompts(scenes, seed=recipe.seed + 10)
+    n_train = len(scenes) - max(1, round(recipe.heldout_fraction * len(scenes)))
+    train_ids = {s.scene_id for s in scenes[:n_train]}
+    pixels = pixel_values_for(processor, [render_scene(by_id[p["scene_id"]], image_size)
+                                          for p in prompts])
+    train_rows = [i for i, p in enumerate(prompts) if p["scene_id"] in train_ids]
+    heldout_rows = [i for i, p in enumerate(prompts) if p["scene_id"] not in train_ids]
+    return by_id, prompts, pixels, train_rows, heldout_rows
+
+
+def make_preferences(recipe: RLHFRecipe, model, tokenizer, processor) -> list[dict]:
+    """Sample ``recipe.samples`` replies per prompt from ``model`` and let the judge label
+    them; every record says whether its scene is held out (``split``)."""
+    from companion.preference import label_preferences, sample_replies
+
+    by_id, prompts, pixels, train_rows, _ = rlhf_prompts(
+        recipe, processor, model.config.vision_config.image_size)
+    replies = sample_replies(model, tokenizer, prompts, pixels, recipe.samples,
+                             recipe.temperature, recipe.max_new_tokens, seed=recipe.seed)
+    train = set(train_rows)
+    records = []
+    for split in ("train", "heldout"):
+        rows = [i for i in range(len(prompts)) if (i in train) == (split == "train")]
+        labelled = label_preferences(
+            [prompts[i] for i in rows], [replies[i] for i in rows], by_id,
+            noise=recipe.noise if split == "train" else 0.0, seed=recipe.seed,
+            hallucination_penalty=recipe.hallucination_penalty, pairs=recipe.pairs)
+        records += [{**r, "split": split} for r in labelled]
+    return records
+
+
+def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu",
+                       log=print) -> list[dict]:
+    """The labelled preference records of ``recipe`` (cached as JSON, TRL field names)."""
+    from companion.artifacts import cached_artifact
+    from companion.instruction import instruction_tuned_vlm
+    from companion.preference import load_preferences, save_preferences
+
+    recipe = recipe or RLHFRecipe()
+
+    def build(folder):
+        model, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+        save_preferences(folder / "preferences.json",
+                         make_preferences(recipe, model, tokenizer, processor))
+
+    folder = cached_artifact(cache_dir, "rlhf-preferences", _data_config(recipe), build, log=log)
+    return load_preferences(folder / "preferences.json")
+
+
+def preference_data(records, split: str, tokenizer, processor, model, scenes_by_id):
+    """Encode the records of one split (``train`` or ``heldout``) for training or scoring."""
+    from companion.preference import encode_preferences
+    from companion.vlm import image_seq_length
+    from companion.world import render_scene
+
+    size = model.config.vision_config.image_size
+    chosen = [r for r in records if r.get("split", "train") == split]
+    if not chosen:
+        raise ValueError(f"no preference record in split {split!r}")
+    return encode_preferences(chosen, tokenizer, processor, image_seq_length(model),
+                              lambda r: render_scene(scenes_by_id[r["scene_id"]], size))
+
+
+def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int = 200,
+                       lr: float = 3e-4, batch_size: int = 16, seed: int = 0, device="cpu",
+                       log=None):
+    """A :class:`RewardModel` started from a copy of ``sft`` (vision frozen), trained with
+    Bradley-Terry on ``data``. Returns ``(model, history)``."""
+    from companion.preference import RewardModel, reward_model_loss, reward_trainable
+    from companion.train import TrainConfig, train
+
+    torch.manual_seed(seed)
+    model = RewardModel(copy.deepcopy(sft), pooling=pooling).to(device)
+    reward_trainable(model)
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.1,
+                         log_every=max(1, steps // 4) if log else 0)
+    history = train(model, lambda batch: reward_model_loss(model, batch),
+                    lambda step: data.draw(batch_size, step, seed, pad_id), config,
+                    device=device, print_fn=log or (lambda _: None))
+    return model, history
+
+
+def _rm_config(recipe: RLHFRecipe) -> dict:
+    return {"kind": "reward-model", "procedure": 1, "data": _data_config(recipe),
+            **{k: getattr(recipe, k) for k in ("rm_pooling", "rm_steps", "rm_lr",
+                                               "rm_batch_size")}}
+
+
+def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
+    """``(reward_model, history_steps)`` of ``recipe``: from the cache or trained now."""
+    from companion.artifacts import cached_artifact
+    from companion.instruction import instruction_tuned_vlm
+    from companion.preference import RewardModel
+
+    recipe = recipe or RLHFRecipe()
+    sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+
+    def build(folder):
+        records = preference_records(cache_dir, recipe, device, log)
+        by_id = rlhf_prompts(recipe, processor, sft.config.vision_config.image_size)[0]
+        data = preference_data(records, "train", tokenizer, processor, sft, by_id)
+        model, history = train_reward_model(
+            sft, data, tokenizer.pad_token_id, recipe.rm_pooling, recipe.rm_steps,
+            recipe.rm_lr, recipe.rm_batch_size, recipe.seed, device)
+        torch.save(model.state_dict(), folder / "reward_model.pt")
+        (folder / "history.json").write_text(json.dumps(history.steps))
+
+    folder = cached_artifact(cache_dir, "reward-model", _rm_config(recipe), build, log=log)
+    model = RewardModel(copy.deepcopy(sft), pooling=recipe.rm_pooling).to(device)
+    model.load_state_dict(torch.load(folder / "reward_model.pt", map_location=device,
+                                     weights_only=True))
+    return model.eval(), json.loads((folder / "history.json").read_text())
+
+
+def ppo_config(recipe: RLHFRecipe, kl_coef: float | None = None):
+    from companion.ppo import PPOConfig
+
+    beta = recipe.ppo_kl_coef if kl_coef is None else kl_coef
+    return PPOConfig(iterations=recipe.ppo_iterations, batch_size=recipe.ppo_batch_size,
+                     lr=recipe.ppo_lr, init_kl_coef=beta, adaptive_kl=beta > 0,
+                     max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
+                     seed=recipe.seed)
+
+
+def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: float | None = None,
+            device="cpu", log=None):
+    """PPO from a copy of ``sft`` against ``reward`` on the training prompts; the judge's
+    verdicts on the rollouts are logged (``utility``, ``hallucinated``), never optimised.
+    Returns ``(policy_vlm, history)``."""
+    from companion.ppo import PolicyWithValueHead, train_ppo
+    from companion.preference import judge_reply, score_replies
+
+    by_id, prompts, pixels, train_rows, _ = rlhf_prompts(
+        recipe, processor, sft.config.vision_config.image_size)
+    prompts = [prompts[i] for i in train_rows]
+    pixels = pixels[train_rows]
+    texts = [p["prompt"] for p in prompts]
+    torch.manual_seed(recipe.seed)
+    policy = PolicyWithValueHead(copy.deepcopy(sft)).to(device)
+    for name, parameter in policy.named_parameters():
+        parameter.requires_grad_(".vision_tower." not in name)
+
+    def reward_fn(rows, replies):
+        return score_replies(reward, tokenizer, [texts[r] for r in rows], replies, pixels[rows])
+
+    def gold_fn(rows, replies):
+        verdicts = [judge_reply(by_id[prompts[r]["scene_id"]], reply, prompts[r]["check"],
+                                recipe.hallucination_penalty)
+                    for r, reply in zip(rows, replies)]
+        return {"utility": sum(v["utility"] for v in verdicts) / len(verdicts),
+                "hallucinated": sum(v["hallucinated"] for v in verdicts) / len(verdicts)}
+
+    history = train_ppo(policy, sft, tokenizer, texts, pixels, reward_fn,
+                        ppo_config(recipe, kl_coef), gold_fn=gold_fn, log=log)
+    return policy.vlm, history
+
+
+def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
+    """``(policy_vlm, history_steps)``: the PPO policy of ``recipe``, cached."""
+    from companion.artifacts import cached_artifact
+    from companion.instruction import instruction_tuned_vlm
+    from companion.vlm import load_vlm, save_vlm
+
+    recipe = recipe or RLHFRecipe()
+    config = {"kind": "ppo-policy", "procedure": 1, "reward_model": _rm_config(recipe),
+              "ppo": {k: v for k, v in recipe.to_dict().items() if k.startswith("ppo_")}}
+
+    def build(folder):
+        sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+        reward, _ = reward_model(cache_dir, recipe, device, log)
+        policy, history = run_ppo(recipe, sft, reward, tokenizer, processor, device=device)
+        save_vlm(folder, policy, processor, tokenizer)
+        (folder / "history.json").write_text(json.dumps(history.steps))
+
+    folder = cached_artifact(cache_dir, "ppo-policy", config, build, log=log)
+    policy, _, _ = load_vlm(folder, device=device)
+    return policy.eval(), json.loads((folder / "history.json").read_text())
+
+
+def heldout_prompts(recipe: RLHFRecipe, test_scenes: int, processor, image_size: int):
+    """``(scenes_by_id, records, prompts, pixels)`` about 3.2's held-out scenes: the full
+    records (for :func:`companion.instruction.evaluate_tasks`) and their first turns."""
+    from companion.clip import pixel_values_for
+    from companion.preference import preference_prompts
+    from companion.world import make_instruction_dataset, make_scenes, render_scene
+
+    scenes = make_scenes(test_scenes, seed=recipe.sft.seed + 3, start_id=40_000_000)
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, seed=recipe.sft.seed + 3)
+    prompts = preference_prompts(scenes, seed=recipe.sft.seed + 3)
+    pixels = pixel_values_for(processor, [render_scene(by_id[r["scene_id"]], image_size)
+                                          for r in records])
+    return by_id, records, prompts, pixels
+
+
+def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
+    """``recipe`` with fields of its instruction-tuning recipe changed."""
+    return replace(recipe, sft=replace(recipe.sft, **changes))
+
+
+def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens: int = 48,
+                    kl_samples: int = 2, seed: int = 0) -> dict:
+    """One row of the section's comparison, on the held-out scenes of 3.2:
+
+    - ``mean_task_accuracy`` and ``hallucination_rate``: every record played as a chat
+      (greedy answers) and judged, as in 3.2;
+    - ``reward``: the reward model's mean score of the greedy first answers;
+    - ``kl``: KL(model || reference) per reply, estimated on sampled replies.
+    """
+    from companion.instruction import evaluate_tasks
+    from companion.ppo import sampled_kl
+    from companion.preference import score_replies
+
+    by_id, records, prompts, pixels = heldout
+    scores = evaluate_tasks(model, tokenizer, records, by_id, pixels,
+                            max_new_tokens=max_new_tokens)
+    first = {a["id"]: a["answer"] for a in scores.answers if a["turn"] == 0}
+    texts = [p["prompt"] for p in prompts]
+    rewards = score_replies(reward, tokenizer, texts, [first[p["id"]] for p in prompts], pixels)
+    kl = sampled_kl(model, reference, tokenizer, texts, pixels, max_new_tokens,
+                    samples=kl_samples, seed=seed)
+    return {"mean_task_accuracy": scores.mean_task_accuracy(), "accuracy": scores.accuracy(),
+            "hallucination_rate": scores.hallucination_rate(),
+            "reward": float(rewards.mean()), "kl": kl,
+            "by_task": {t: round(v["accuracy"], 4) for t, v in scores.by_task().items()}}

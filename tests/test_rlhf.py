@@ -1,0 +1,348 @@
+"""RLHF on the VLM: preference data, the reward model, DPO and PPO plumbing (section 3.3)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from companion.dpo import DPOConfig, dpo_batch_loss, reference_logps, reply_logps, train_dpo
+from companion.instruction import IGNORE_INDEX, generate_tokens
+from companion.models import TinyClipConfig, build_clip
+from companion.ppo import (PolicyWithValueHead, PPOConfig, reference_reply_logps,
+                           reply_logps_values, rollout, train_ppo)
+from companion.preference import (RewardModel, encode_preferences, label_preferences,
+                                  last_token_index, load_preferences, pair_accuracy,
+                                  preference_prompts, reward_model_loss, reward_trainable,
+                                  sample_replies, save_preferences, score_replies,
+                                  validate_preference_records)
+from companion.tokenizer import train_tokenizer, world_corpus
+from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length, image_token_id
+from companion.world import make_scenes, render_scene
+
+CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=1,
+                            text_width=32, text_layers=1, heads=2, projection_dim=16)
+LM_SIZES = TinyLMConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    tokenizer = train_tokenizer(world_corpus(40, seed=1), vocab_size=400)
+    clip, processor, _ = build_clip(tokenizer, sizes=CLIP_SIZES, seed=0)
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=0)
+    scenes = make_scenes(6, seed=5, start_id=50_000_000)
+    prompts = preference_prompts(scenes, seed=5)
+    by_id = {s.scene_id: s for s in scenes}
+    from companion.clip import pixel_values_for
+
+    pixels = pixel_values_for(processor, [render_scene(by_id[p["scene_id"]], 16) for p in prompts])
+    return {"tokenizer": tokenizer, "clip": clip, "lm": lm, "processor": processor,
+            "scenes": by_id, "prompts": prompts, "pixels": pixels}
+
+
+def _vlm(world, seed=0):
+    return build_vlm(world["clip"], world["lm"], world["tokenizer"], seed=seed).eval()
+
+
+def _record(**change):
+    record = {"id": "r0", "prompt": "<image>\nHow many circles are there?",
+              "chosen": "There is one circle.", "rejected": "There are two circles.",
+              "images": ["images/0.png"]}
+    record.update(change)
+    return record
+
+
+# ----------------------------------------------------------------------------- preference data
+
+def test_labeler_prefers_the_better_reply_and_noise_flips_it(world):
+    prompt = next(p for p in world["prompts"] if p["task"] == "counting")
+    scene = world["scenes"][prompt["scene_id"]]
+    replies = [[prompt["reference"], "There are nine purple hexagons.", prompt["reference"]]]
+    clean = label_preferences([prompt], replies, world["scenes"], noise=0.0)
+    assert len(clean) == 1 and clean[0]["chosen"] == prompt["reference"]
+    assert clean[0]["chosen_utility"] > clean[0]["rejected_utility"]
+    assert clean[0]["rejected_hallucinated"] and not clean[0]["flipped"]
+    flipped = label_preferences([prompt], replies, world["scenes"], noise=1.0)
+    assert flipped[0]["chosen"] == "There are nine purple hexagons." and flipped[0]["flipped"]
+    ties = label_preferences([prompt], [[prompt["reference"]] * 3], world["scenes"])
+    assert ties == []  # all replies equally good: no preference to learn from
+    validate_preference_records(clean)
+    assert scene.scene_id == clean[0]["scene_id"]
+    with pytest.raises(ValueError, match="noise"):
+        label_preferences([prompt], replies, world["scenes"], noise=1.5)
+
+
+def test_noise_flips_about_the_requested_share(world):
+    prompt = next(p for p in world["prompts"] if p["task"] == "counting")
+    replies = [[prompt["reference"], "There are nine purple hexagons."]] * 400
+    records = label_preferences([prompt] * 400, replies, world["scenes"], noise=0.3, seed=1)
+    share = sum(r["flipped"] for r in records) / len(records)
+    assert 0.24 < share < 0.36
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"chosen": None}, "key 'chosen'"),
+    ({"prompt": "How many?"}, "placeholder"),
+    ({"images": "a.png"}, "key 'images'"),
+    ({"images": ["a.png", "b.png"]}, "key 'images'"),
+])
+def test_bad_preference_records_name_the_record_and_key(change, message):
+    with pytest.raises(ValueError, match=message) as error:
+        validate_preference_records([_record(), _record(**change)], "prefs.json")
+    assert "prefs.json, record 1" in str(error.value)
+
+
+def test_missing_keys_and_bad_files(tmp_path):
+    record = _record()
+    del record["rejected"]
+    with pytest.raises(ValueError, match="missing key 'rejected'"):
+        validate_preference_records([record])
+    with pytest.raises(ValueError, match="no records"):
+        validate_preference_records([])
+    with pytest.raises(FileNotFoundError, match="no preference file"):
+        load_preferences(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_preferences(bad)
+    good = tmp_path / "good.json"
+    save_preferences(good, [_record()])
+    assert load_preferences(good) == [_record()]
+    assert not (tmp_path / "good.json.tmp").exists()
+    assert json.loads(good.read_text())[0]["chosen"] == "There is one circle."
+
+
+def test_pairs_carry_labels_on_the_reply_only(world):
+    vlm = _vlm(world)
+    data = encode_preferences([_record()], world["tokenizer"], world["processor"],
+                              image_seq_length(vlm), lambda r: render_scene(
+                                  next(iter(world["scenes"].values())), 16))
+    tok = world["tokenizer"]
+    for example, text in ((data.chosen[0], "There is one circle."),
+                          (data.rejected[0], "There are two circles.")):
+        kept = [t for t in example["labels"] if t != IGNORE_INDEX]
+        assert tok.decode(kept[:-1]) .strip() == text  # the reply, then <|end|>
+        assert kept[-1] == tok.convert_tokens_to_ids("<|end|>")
+    batch = data.batch([0], tok.pad_token_id)
+    assert batch["n_pairs"] == 1 and batch["input_ids"].shape[0] == 2
+    assert batch["pixel_values"].shape[0] == 2
+
+
+# ----------------------------------------------------------------------------- reward model
+
+def test_last_token_index_for_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3]
+    with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
+        last_token_index(torch.tensor([[1, 0], [0, 0]]))
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(world):
+    model = RewardModel(_vlm(world))
+    torch.nn.init.normal_(model.reward_head.weight)
+    tok = world["tokenizer"]
+    prompts = [world["prompts"][0]["prompt"]] * 2
+    replies = ["There is one circle.", "There is one circle at the top left of the image."]
+    pixels = world["pixels"][:1].repeat(2, 1, 1, 1)
+    together = score_replies(model, tok, prompts, replies, pixels)
+    alone = score_replies(model, tok, prompts[:1], replies[:1], pixels[:1])
+    assert torch.allclose(together[0], alone[0], atol=1e-5)  # padding does not move the score
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_reward_model_loss_is_bradley_terry_on_its_rewards(world):
+    model = RewardModel(_vlm(world))
+    torch.nn.init.normal_(model.reward_head.weight)
+    data = encode_preferences([_record(), _record(id="r1", chosen="One circle.")],
+                              world["tokenizer"], world["processor"], 4,
+                              lambda r: render_scene(next(iter(world["scenes"].values())), 16))
+    batch = data.batch([0, 1], world["tokenizer"].pad_token_id)
+    loss, stats = reward_model_loss(model, batch)
+    rewards = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).double()
+    expected = -torch.nn.functional.logsigmoid(rewards[:2] - rewards[2:]).mean()
+    assert math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5)
+    assert stats["accuracy"] == float((rewards[:2] > rewards[2:]).float().mean())
+    counts = reward_trainable(model)
+    assert counts["vision"] == 0 and counts["projector+lm+head"] > 0
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+    assert 0.0 <= pair_accuracy(model, data, world["tokenizer"].pad_token_id) <= 1.0
+
+
+# ----------------------------------------------------------------------------- DPO
+
+def _pairs(world):
+    return encode_preferences([_record(), _record(id="r1", chosen="One circle.",
+                                                  rejected="There are three red squares.")],
+                              world["tokenizer"], world["processor"], 4,
+                              lambda r: render_scene(next(iter(world["scenes"].values())), 16))
+
+
+def test_dpo_loss_is_ln2_against_itself_and_padding_does_not_change_logps(world):
+    vlm = _vlm(world)
+    data = _pairs(world)
+    pad = world["tokenizer"].pad_token_id
+    ref_c, ref_r = reference_logps(vlm, data, pad)
+    loss, stats = dpo_batch_loss(vlm, data.batch([0, 1], pad), ref_c, ref_r)
+    assert math.isclose(float(loss.detach()), math.log(2), rel_tol=1e-5)
+    assert stats["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    one = reply_logps(vlm, data.batch([1], pad))
+    both = reply_logps(vlm, data.batch([0, 1], pad))
+    assert torch.allclose(one, both[[1, 3]], atol=1e-4)
+
+
+def test_dpo_training_raises_the_chosen_margin(world):
+    policy, reference = _vlm(world), _vlm(world)
+    for name, p in policy.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    data = _pairs(world)
+    history = train_dpo(policy, reference, data, world["tokenizer"].pad_token_id,
+                        DPOConfig(steps=15, lr=3e-3, batch_size=2), log=None)
+    assert history.steps[-1]["reward_margin"] > 0.05
+    assert history.steps[-1]["loss"] < math.log(2)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+def test_rollout_layout_and_kl_zero_against_itself(world):
+    policy = PolicyWithValueHead(_vlm(world))
+    texts = [p["prompt"] for p in world["prompts"]]
+    batch = rollout(policy, world["tokenizer"], texts, world["pixels"], [0, 1, 2],
+                    max_new_tokens=6, seed=3)
+    p = batch.prompt_length
+    assert batch.input_ids.shape[1] == p + batch.reply_mask.shape[1]
+    assert (batch.attention_mask[:, p:].bool() == batch.reply_mask).all()
+    # reply tokens are right-padded: once a row's reply ends it stays ended
+    assert (batch.reply_mask[:, 1:] <= batch.reply_mask[:, :-1]).all()
+    logps, values = reply_logps_values(policy, batch)
+    ref = reference_reply_logps(policy.vlm, batch)
+    assert torch.allclose(logps, ref, atol=1e-5)
+    assert values.shape == logps.shape and float(values.detach().abs().max()) == 0.0  # zero-init head
+
+
+def test_forward_scores_replies_as_generate_sampled_them(world):
+    """Left-padded prompts: the forward pass must use the same positions as generate."""
+    vlm = _vlm(world)
+    policy = PolicyWithValueHead(vlm)
+    texts = [p["prompt"] for p in world["prompts"]]
+    rows = [0, 3]  # prompts of different lengths
+    batch = rollout(policy, world["tokenizer"], texts, world["pixels"], rows,
+                    max_new_tokens=4, seed=1)
+    logps, _ = reply_logps_values(policy, batch)
+    for i, row in enumerate(rows):  # score each row alone, unpadded
+        prompt, _ = generate_tokens(vlm, world["tokenizer"], [[{"from": "human", "value": texts[row]}]],
+                          world["pixels"][[row]], max_new_tokens=1)
+        reply = batch.input_ids[i, batch.prompt_length:][batch.reply_mask[i]]
+        ids = torch.tensor([prompt[0] + reply.tolist()])
+        logits = vlm(input_ids=ids, pixel_values=world["pixels"][[row]]).logits
+        logits[..., image_token_id(world["tokenizer"])] = float("-inf")  # never sampled
+        ref = torch.log_softmax(logits[0, len(prompt[0]) - 1:-1], -1).gather(
+            -1, reply[:, None]).squeeze(-1)
+        assert torch.allclose(logps[i][batch.reply_mask[i]], ref, atol=1e-4)
+
+
+def test_generation_never_samples_the_image_placeholder(world):
+    """A reply holding <image> could not be scored (placeholders must match image features)."""
+    vlm = _vlm(world)
+    image_id = image_token_id(world["tokenizer"])
+    head = torch.nn.Linear(vlm.lm_head.in_features, vlm.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(vlm.lm_head.weight)
+        head.bias.zero_()
+        head.bias[image_id] = 50.0  # the placeholder is by far the likeliest next token
+    vlm.lm_head = head
+    policy = PolicyWithValueHead(vlm)
+    batch = rollout(policy, world["tokenizer"], [p["prompt"] for p in world["prompts"]],
+                    world["pixels"], [0, 1], max_new_tokens=5, seed=0)
+    assert not (batch.input_ids[:, batch.prompt_length:] == image_id).any()
+    logps, _ = reply_logps_values(policy, batch)  # and the replies can be scored
+    assert torch.isfinite(logps[batch.reply_mask]).all()
+
+
+def test_ppo_trains_the_policy_and_leaves_the_vision_tower_and_reference(world):
+    policy = PolicyWithValueHead(_vlm(world))
+    for name, p in policy.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    reference = _vlm(world)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    texts = [p["prompt"] for p in world["prompts"]]
+    history = train_ppo(policy, reference, world["tokenizer"], texts, world["pixels"],
+                        lambda rows, replies: torch.tensor([float(len(r)) for r in replies]),
+                        PPOConfig(iterations=2, batch_size=4, max_new_tokens=5, lr=1e-3),
+                        log=None)
+    assert [set(s) >= {"reward", "kl", "length", "beta"} for s in history.steps] == [True] * 2
+    for name, p in policy.named_parameters():
+        assert torch.equal(p, before[name]) == ("vision_tower" in name), name
+    assert all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters())
+    assert history.steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # identical at the start
+
+
+def test_ppo_config_errors():
+    with pytest.raises(ValueError, match="minibatches"):
+        PPOConfig(batch_size=2, minibatches=3)
+    with pytest.raises(ValueError, match="init_kl_coef"):
+        PPOConfig(init_kl_coef=-1)
+
+
+def test_sample_replies_needs_two(world):
+    with pytest.raises(ValueError, match="at least two"):
+        sample_replies(None, world["tokenizer"], world["prompts"], world["pixels"], n_samples=1)
+
+
+def test_flip_preferences_swaps_the_whole_comparison():
+    from companion.preference import flip_preferences
+
+    record = {**_record(), "chosen_utility": 1.0, "rejected_utility": -0.5,
+              "chosen_hallucinated": False, "rejected_hallucinated": True, "flipped": False}
+    flipped = flip_preferences([record], 1.0)[0]
+    assert (flipped["chosen"], flipped["rejected"]) == (record["rejected"], record["chosen"])
+    assert flipped["chosen_utility"] == -0.5 and flipped["chosen_hallucinated"]
+    assert flipped["flipped"] and not record["flipped"]  # the input is not modified
+    assert flip_preferences([record], 0.0)[0] == record
+    with pytest.raises(ValueError, match="noise"):
+        flip_preferences([record], -0.1)
+
+
+def test_best_worst_keeps_one_pair_and_all_keeps_every_distinct_comparison(world):
+    prompt = next(p for p in world["prompts"] if p["task"] == "counting")
+    replies = [[prompt["reference"], "There are nine purple hexagons.", "There is a word.",
+                prompt["reference"]]]
+    one = label_preferences([prompt], replies, world["scenes"], pairs="best_worst")
+    every = label_preferences([prompt], replies, world["scenes"], pairs="all")
+    assert len(one) == 1
+    assert len({r["id"] for r in every}) == len(every) >= 2
+    assert all(r["chosen_utility"] > r["rejected_utility"] for r in every)
+    with pytest.raises(ValueError, match="pairs"):
+        label_preferences([prompt], replies, world["scenes"], pairs="some")
+
+
+def test_section_artifacts_are_built_once_and_reloaded(tmp_path):
+    """3.3's preference data, reward model and PPO policy each build once per recipe, so
+    each 3.3 notebook can run alone (building what it lacks) or load what an earlier one
+    made."""
+    from companion.instruction import InstructionRecipe
+    from companion.rlhf import RLHFRecipe, ppo_policy, preference_records, reward_model
+
+    sft = InstructionRecipe(tokenizer_scenes=40, clip_train_scenes=32, clip_steps=2,
+                            clip_batch_size=8, lm_scenes=10, lm_steps=2, train_scenes=8,
+                            stage1_steps=2, stage2_steps=3, batch_size=4)
+    recipe = RLHFRecipe(sft=sft, scenes=10, samples=3, max_new_tokens=6, rm_steps=2,
+                        ppo_iterations=2, ppo_batch_size=4)
+    messages = []
+    records = preference_records(tmp_path, recipe, log=messages.append)
+    assert {r["split"] for r in records} <= {"train", "heldout"}
+    validate_preference_records(records)
+    model, history = reward_model(tmp_path, recipe, log=messages.append)
+    policy, ppo_history = ppo_policy(tmp_path, recipe, log=messages.append)
+    assert len(history) == 2 and len(ppo_history) == 2
+    built = [m.split()[1] for m in messages if m.startswith("building")]
+    assert built.count("rlhf-preferences") == 1 and built.count("reward-model") == 1
+    assert built.count("ppo-policy") == 1
+    again, _ = reward_model(tmp_path, recipe, log=messages.append)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+    assert messages[-1].startswith("loaded reward-model")
+    with pytest.raises(ValueError, match="noise"):
+        RLHFRecipe(noise=2.0)
