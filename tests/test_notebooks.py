@@ -114,13 +114,19 @@ def test_nbval_catches_a_corrupted_output(tmp_path):
 
 
 SMOKE_EXPECTATIONS = {
-    # chapter id -> metric keys that the smoke run must write (finite numbers)
+    # chapter id -> metric keys ("a/b" for nested ones) the smoke run must write (finite numbers)
     "3.0": ["n_scenes", "judge_reference_accuracy", "tokenizer_vocab_size"],
     "3.1.1": ["heldout_i2t_R@1", "initial_i2t_R@1", "final_temperature"],
     "3.1.2": ["hard_minus_random_fine_grained", "mining_temperature"],
     "3.1.3": ["f1_before", "f1_after", "hallucination_after"],
     "3.2": ["before_mean_task_accuracy", "stage1_mean_task_accuracy",
             "stage2_mean_task_accuracy", "stage2_hallucination_rate"],
+    "3.3.1": ["pairs_train", "likelihood_pair_accuracy", "rm_last_pair_accuracy",
+              "rm_mean_pair_accuracy"],
+    # nested metrics by path
+    "3.3.2": ["heldout/SFT (3.2)/mean_task_accuracy", "heldout/PPO/kl", "heldout/PPO, β = 0/kl",
+              "ppo_last10/reward", "ppo_beta0_last10/utility"],
+    "3.3.3": ["heldout/DPO/hallucination_rate", "heldout/IPO/kl", "heldout/PPO (3.3.2)/reward"],
 }
 
 
@@ -134,5 +140,9 @@ def test_chapter_runs_with_smoke_profile(chapter_id, tmp_path):
     assert results[0].metrics_file is not None, f"chapter {chapter_id} wrote no metrics"
     metrics = json.loads(results[0].metrics_file.read_text())
     for key in SMOKE_EXPECTATIONS.get(chapter_id, []):
-        assert key in metrics, f"chapter {chapter_id}: metric {key!r} missing"
-        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), key
+        value = metrics
+        for part in key.split("/"):
+            assert isinstance(value, dict) and part in value, (
+                f"chapter {chapter_id}: metric {key!r} missing")
+            value = value[part]
+        assert isinstance(value, (int, float)) and math.isfinite(value), key

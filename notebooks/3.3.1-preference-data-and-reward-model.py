@@ -1,0 +1,288 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3.3.1 RLHF, steps 1 and 2: preference data and the reward model (人类反馈强化学习)
+#
+# The instruction-tuned model of 3.2 answers in the right format, but often says things
+# that are not in the image: on 3.2's held-out questions about a third of its answers
+# contain a hallucination. Supervised data cannot say "this answer is worse than that one";
+# RLHF can. Its three steps, as the seed draws them:
+#
+# 1. **Preference data.** For an image and a question the model samples several answers; a
+#    labeler says which is better (A > B).
+# 2. **A reward model** learns a scalar score from those comparisons, trained so that
+#    P(A > B) = σ(r(A) − r(B)) (the Bradley-Terry model).
+# 3. **PPO** makes the model produce answers the reward model scores higher, with a KL
+#    penalty that keeps it close to where it started (notebook 3.3.2). DPO skips the reward
+#    model (3.3.3).
+#
+# Our labeler is the shapes world's judge: it knows the scene, so it can score an answer's
+# correctness and catch every object, colour, count or word that is not there. A noise knob
+# flips some of its choices, standing in for human labelers who disagree.
+
+# %% tags=["parameters"]
+seed = 0  # random seed for sampling, labels, initialisation and batches
+device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
+threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
+output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.3.1.json
+cache_dir = "../.cache"  # shared artifacts (3.2's model; this section's data and reward model)
+tokenizer_scenes = 2000  # the world's BPE (as in 3.0 to 3.2)
+clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.2 to reuse its cached model)
+clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
+clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
+lm_scenes = 3000  # the text-only LM recipe of 3.2
+lm_steps = 600  # steps of the text-only LM recipe
+sft_train_scenes = 3000  # 3.2's instruction data (its train_scenes)
+sft_stage1_steps = 300  # 3.2's stage 1 steps
+sft_stage2_steps = 1600  # 3.2's stage 2 steps
+sft_batch_size = 32  # 3.2's batch size
+preference_scenes = 400  # scenes whose questions are sampled and labelled (one per task type)
+samples = 4  # replies sampled per question for the labeler to compare
+max_new_tokens = 32  # longest sampled reply, in tokens
+pairs = "all"  # "all" comparisons of a question's replies, or "best_worst" (one pair)
+rm_steps = 200  # reward model optimiser steps
+rm_lr = 3e-4  # reward model peak learning rate
+noise_levels = [0.0, 0.2, 0.4]  # labeler noise (share of flipped choices) for the noise experiment
+
+# %% [markdown]
+# ## Setup
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from companion.book import write_metrics
+from companion.dpo import reference_logps
+from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.losses.preference import bradley_terry_loss, preference_probability
+from companion.preference import flip_preferences, score_pairs
+from companion.rlhf import (RLHFRecipe, preference_data, preference_records, reward_model,
+                            rlhf_prompts, train_reward_model)
+from companion.runtime import setup
+
+%matplotlib inline
+dev = setup(seed=seed, device=device, threads=threads)
+metrics = {}
+seconds = {}
+recipe = RLHFRecipe(
+    sft=InstructionRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
+                          clip_train_scenes=clip_train_scenes, clip_steps=clip_steps,
+                          clip_batch_size=clip_batch_size, lm_scenes=lm_scenes, lm_steps=lm_steps,
+                          train_scenes=sft_train_scenes, stage1_steps=sft_stage1_steps,
+                          stage2_steps=sft_stage2_steps, batch_size=sft_batch_size),
+    seed=seed, scenes=preference_scenes, samples=samples, max_new_tokens=max_new_tokens,
+    pairs=pairs, rm_steps=rm_steps, rm_lr=rm_lr)
+start = time.perf_counter()
+sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
+seconds["3.2 model (loaded or trained)"] = time.perf_counter() - start
+pad = tokenizer.pad_token_id
+
+# %% [markdown]
+# ## Step 1: the model answers, the labeler compares
+#
+# For each question (one per task type about each of the section's own scenes) the 3.2 model
+# samples several replies at temperature 1. The labeler's *utility* of a reply is the
+# judge's score (1 for a correct answer, partial credit for a partly right description or
+# box) minus 0.5 if it hallucinates. Every two replies of different utility make a pair
+# (InstructGPT likewise ranks K answers and keeps all K(K−1)/2 comparisons); ties teach
+# nothing and are dropped. A fifth of the scenes are held out: their pairs only measure the
+# reward model.
+
+# %%
+start = time.perf_counter()
+records = preference_records(cache_dir, recipe, device=dev, log=None)
+seconds["sample and label (or load)"] = time.perf_counter() - start
+scenes_by_id = rlhf_prompts(recipe, processor, sft.config.vision_config.image_size)[0]
+train_records = [r for r in records if r["split"] == "train"]
+heldout_records = [r for r in records if r["split"] == "heldout"]
+print(f"{len(train_records)} training pairs, {len(heldout_records)} held-out pairs "
+      f"from {preference_scenes} scenes")
+for record in records[:5]:
+    print(f"\n[{record['task']}] {record['prompt'].replace(chr(10), ' ')}\n"
+          f"  chosen   ({record['chosen_utility']:+.2f}): {record['chosen']}\n"
+          f"  rejected ({record['rejected_utility']:+.2f}): {record['rejected']}")
+
+# %%
+chosen_h = np.mean([r["chosen_hallucinated"] for r in records])
+rejected_h = np.mean([r["rejected_hallucinated"] for r in records])
+metrics["pairs_train"], metrics["pairs_heldout"] = len(train_records), len(heldout_records)
+metrics["chosen_hallucination_rate"] = float(chosen_h)
+metrics["rejected_hallucination_rate"] = float(rejected_h)
+tasks = sorted({r["task"] for r in records})
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.bar(tasks, [sum(r["task"] == t for r in records) for t in tasks])
+ax.set_ylabel("pairs")
+ax.set_title(f"Preference pairs per task; hallucinating replies: chosen {chosen_h:.2f}, "
+             f"rejected {rejected_h:.2f}")
+plt.show()
+
+# %% [markdown]
+# What the labeler mostly rewards is visible in the last line: a rejected reply hallucinates
+# far more often than a chosen one. That is the signal RLHF hopes to turn into a model that
+# hallucinates less.
+#
+# ## The Bradley-Terry model
+#
+# A reward model gives each reply a number r. Bradley-Terry reads a *difference* of rewards
+# as a probability of preference: P(A > B) = σ(r(A) − r(B)). Equal rewards mean a coin flip;
+# a difference of 2 means A wins 88% of the time. Only differences matter: adding a
+# constant to every reward changes nothing, which is why reward models are often centred.
+# The loss is the negative log-likelihood of the labeler's choices,
+# −log σ(r_chosen − r_rejected); a margin m asks for r_chosen − r_rejected ≥ m as well.
+
+# %%
+delta = torch.linspace(-6, 6, 241)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+axes[0].plot(delta, preference_probability(delta, torch.zeros_like(delta)))
+axes[0].axhline(0.5, color="grey", lw=0.5)
+axes[0].set(xlabel="r(A) − r(B)", ylabel="P(A > B)", title="Bradley-Terry: σ(r(A) − r(B))")
+for margin in (0.0, 1.0):
+    losses = [float(bradley_terry_loss(d.reshape(1), torch.zeros(1), margin=margin)) for d in delta]
+    axes[1].plot(delta, losses, label=f"margin {margin}")
+axes[1].set(xlabel="r_chosen − r_rejected", ylabel="loss", title="−log σ(r_c − r_r − m)")
+axes[1].legend()
+plt.show()
+
+# %% [markdown]
+# ## Step 2: the reward model
+#
+# The seed's `RewardModel` is the VLM's backbone (vision tower, projector, LM) with a linear
+# head that reads the hidden state of the **last** token, started from the 3.2 model. We
+# train it, and a variant whose head reads **every reply token** and averages. The reason
+# for the variant: a hallucinated colour is a claim made in the middle of a reply; the
+# last-token head only sees it if two attention layers carry it to the end. Both are
+# scored on the held-out pairs, where 0.5 is chance. A free baseline sits beside them: the
+# 3.2 model's own log-likelihood of each reply (no training at all).
+
+# %%
+train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id)
+heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id)
+
+
+def heldout_accuracy(model):
+    chosen, rejected = score_pairs(model, heldout_data, pad)
+    return float((chosen > rejected).float().mean()), chosen, rejected
+
+
+start = time.perf_counter()
+rm, rm_history = reward_model(cache_dir, recipe, device=dev, log=None)  # last token, cached
+seconds["reward model (last token, trained or loaded)"] = time.perf_counter() - start
+start = time.perf_counter()
+rm_mean, mean_history = train_reward_model(sft, train_data, pad, "mean", rm_steps, rm_lr,
+                                           seed=seed, device=dev)
+seconds["reward model (mean)"] = time.perf_counter() - start
+ref_chosen, ref_rejected = reference_logps(sft, heldout_data, pad)
+accuracy, rm_chosen, rm_rejected = heldout_accuracy(rm)
+results = {"3.2 model log-likelihood (no training)": float((ref_chosen > ref_rejected).float().mean()),
+           "reward model, last token (the seed's)": accuracy,
+           "reward model, mean over reply tokens": heldout_accuracy(rm_mean)[0]}
+for name, value in results.items():
+    print(f"{name:>40}: held-out pair accuracy {value:.3f}")
+metrics["likelihood_pair_accuracy"] = list(results.values())[0]
+metrics["rm_last_pair_accuracy"] = accuracy
+metrics["rm_mean_pair_accuracy"] = list(results.values())[2]
+half = len(heldout_data) ** 0.5
+print(f"({len(heldout_data)} held-out pairs: one standard error of an accuracy near 0.5 is "
+      f"about {0.5 / half:.3f})")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for name, history in (("last token", rm_history), ("mean over reply", mean_history.steps)):
+    steps = [r["step"] for r in history]
+    window = max(1, len(steps) // 10)
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        values = np.convolve([r[key] for r in history], np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], values, label=name)
+axes[0].axhline(np.log(2), color="grey", lw=0.5, ls="--")
+axes[0].set(xlabel="step", ylabel="Bradley-Terry loss", title="Reward model training (ln 2 dashed)")
+axes[1].set(xlabel="step", ylabel="pair accuracy (training batches)",
+            title="Training-batch accuracy")
+axes[1].legend()
+plt.show()
+
+# %% [markdown]
+# Is the reward model *calibrated*, i.e. does a reward difference of Δ mean the chosen reply
+# wins σ(Δ) of the time, as Bradley-Terry says? Each held-out pair is counted both ways round
+# (A, B) and (B, A), binned by r(A) − r(B), and the share of bins where A is the labeler's
+# choice is set against the curve (for the seed's last-token reward model, the one PPO
+# uses in 3.3.2).
+
+# %%
+diff = torch.cat([rm_chosen - rm_rejected, rm_rejected - rm_chosen]).numpy()
+won = np.concatenate([np.ones(len(rm_chosen)), np.zeros(len(rm_chosen))])
+edges = np.quantile(diff, np.linspace(0, 1, 9))
+centres, shares = [], []
+for low, high in zip(edges[:-1], edges[1:]):
+    inside = (diff >= low) & (diff <= high)
+    centres.append(diff[inside].mean())
+    shares.append(won[inside].mean())
+grid = np.linspace(diff.min(), diff.max(), 100)
+fig, ax = plt.subplots(figsize=(5.5, 3.4))
+ax.plot(grid, 1 / (1 + np.exp(-grid)), label="Bradley-Terry σ(Δr)")
+ax.plot(centres, shares, "o-", label="held-out pairs (8 bins)")
+ax.set(xlabel="r(A) − r(B) (reward model)", ylabel="share where A was chosen",
+       title="Calibration of the reward model")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## How much does labeler noise cost?
+#
+# Human labelers disagree with each other on a sizeable share of comparisons. We flip a share
+# of the *training* labels at random and train the seed's reward model again; the
+# held-out pairs keep the clean labels.
+
+# %%
+start = time.perf_counter()
+noise_accuracy = {}
+for noise in noise_levels:
+    if noise == recipe.noise:
+        noise_accuracy[noise] = accuracy
+        continue
+    noisy = preference_data(flip_preferences(records, noise, seed=seed), "train", tokenizer,
+                            processor, sft, scenes_by_id)
+    model, _ = train_reward_model(sft, noisy, pad, recipe.rm_pooling, rm_steps, rm_lr,
+                                  seed=seed, device=dev)
+    noise_accuracy[noise] = heldout_accuracy(model)[0]
+    print(f"noise {noise:.1f}: held-out pair accuracy {noise_accuracy[noise]:.3f}")
+seconds["noise experiment"] = time.perf_counter() - start
+metrics["rm_accuracy_by_noise"] = {str(k): v for k, v in noise_accuracy.items()}
+fig, ax = plt.subplots(figsize=(5.5, 3.4))
+ax.plot(list(noise_accuracy), list(noise_accuracy.values()), "o-")
+ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+ax.set(xlabel="share of flipped training labels", ylabel="held-out pair accuracy",
+       title="Reward model accuracy against label noise")
+plt.show()
+
+# %% [markdown]
+# ## What this run shows
+#
+# The figures below are this run's. At this scale, the reward model is the weak link of
+# RLHF: telling a correct reply from a near-identical wrong one ("a red square" against "a
+# red circle") means reading the image *through* the reply, and a two-layer LM learns that
+# from a few thousand comparisons only slowly. Compare it with the 3.2 model's own
+# likelihood, which already carries the same knowledge for free: this is the observation
+# that DPO (3.3.3) builds on. Notebook 3.3.2 runs PPO against this reward model anyway and
+# shows what an imperfect reward model does to a policy that optimises it.
+
+# %%
+write_metrics("3.3.1", metrics, output_dir)
+for key, value in metrics.items():
+    print(f"{key}: {value if not isinstance(value, float) else round(value, 4)}")
+
+# %% tags=["nbval-ignore-output"]
+print("wall times:", {name: f"{value:.0f} s" for name, value in seconds.items()})

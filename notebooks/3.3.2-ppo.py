@@ -1,0 +1,244 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 3.3.2 RLHF, step 3: PPO with a KL penalty (PPO强化学习优化)
+#
+# The seed's third step: use the reward model's score as the reward signal and optimise the
+# policy (the instruction-tuned model of 3.2) to produce answers that score higher, while a
+# KL penalty keeps it close to where it started:
+#
+# maximise  E[r(answer)] − β · KL(π ‖ π_ref).
+#
+# PPO does this with the machinery below, all in `companion.losses.ppo` (tested against
+# hand-computed references) and driven by `companion.ppo`:
+#
+# - **Rollouts**: the policy samples answers to a batch of questions.
+# - **Per-token rewards**: each answer token gets −β·(log π − log π_ref) (the KL penalty,
+#   estimated per token); the reward model's score is added on the answer's last token.
+# - **Value head and GAE**: a linear head on the policy's hidden state predicts the return
+#   from each token; generalised advantage estimation (γ = 1, λ = 0.95) turns rewards and
+#   values into advantages, which are whitened.
+# - **Clipped updates**: a few epochs of minibatch steps on the clipped surrogate
+#   max(−Aρ, −A·clip(ρ, 1 ± ε)) and the clipped value loss, so no update moves the policy far
+#   from the one that sampled the answers.
+# - **An adaptive KL controller** raises β when the KL overshoots its target and lowers it
+#   when the KL falls short.
+
+# %% tags=["parameters"]
+seed = 0  # random seed for rollouts, minibatches and initialisation
+device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
+threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
+output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.3.2.json
+cache_dir = "../.cache"  # shared artifacts (3.2's model, 3.3.1's reward model, this PPO policy)
+tokenizer_scenes = 2000  # the world's BPE (as in 3.0 to 3.2)
+clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.2 to reuse its cached model)
+clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
+clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
+lm_scenes = 3000  # the text-only LM recipe of 3.2
+lm_steps = 600  # steps of the text-only LM recipe
+sft_train_scenes = 3000  # 3.2's instruction data (its train_scenes)
+sft_stage1_steps = 300  # 3.2's stage 1 steps
+sft_stage2_steps = 1600  # 3.2's stage 2 steps
+sft_batch_size = 32  # 3.2's batch size
+preference_scenes = 400  # 3.3.1's preference scenes (its prompts are PPO's prompts too)
+samples = 4  # 3.3.1's replies per question
+max_new_tokens = 32  # longest sampled reply, in tokens (rollouts too)
+pairs = "all"  # 3.3.1's pairing of replies
+rm_steps = 200  # 3.3.1's reward model steps
+rm_lr = 3e-4  # 3.3.1's reward model learning rate
+ppo_iterations = 60  # PPO rounds (rollout, then updates)
+ppo_batch_size = 64  # questions per rollout
+ppo_lr = 5e-5  # PPO learning rate (policy, value head)
+ppo_kl_coef = 0.1  # initial β of the KL penalty (adaptive, target 1 nat per answer)
+test_scenes = 60  # 3.2's held-out scenes, for the final evaluation
+
+# %% [markdown]
+# ## Setup: the policy, the reference, the reward model
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+from companion.book import write_metrics
+from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.losses.ppo import gae, reward_with_kl, whiten
+from companion.ppo import (PolicyWithValueHead, reference_reply_logps, reply_logps_values,
+                           rollout)
+from companion.preference import score_replies
+from companion.rlhf import (RLHFRecipe, evaluate_policy, heldout_prompts, ppo_policy,
+                            reward_model, rlhf_prompts, run_ppo)
+from companion.runtime import setup
+
+%matplotlib inline
+dev = setup(seed=seed, device=device, threads=threads)
+metrics = {}
+seconds = {}
+recipe = RLHFRecipe(
+    sft=InstructionRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
+                          clip_train_scenes=clip_train_scenes, clip_steps=clip_steps,
+                          clip_batch_size=clip_batch_size, lm_scenes=lm_scenes, lm_steps=lm_steps,
+                          train_scenes=sft_train_scenes, stage1_steps=sft_stage1_steps,
+                          stage2_steps=sft_stage2_steps, batch_size=sft_batch_size),
+    seed=seed, scenes=preference_scenes, samples=samples, max_new_tokens=max_new_tokens,
+    pairs=pairs, rm_steps=rm_steps, rm_lr=rm_lr, ppo_iterations=ppo_iterations,
+    ppo_batch_size=ppo_batch_size, ppo_lr=ppo_lr, ppo_kl_coef=ppo_kl_coef)
+start = time.perf_counter()
+sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
+reward, _ = reward_model(cache_dir, recipe, device=dev, log=None)
+seconds["3.2 model and reward model (loaded or trained)"] = time.perf_counter() - start
+image_size = sft.config.vision_config.image_size
+by_id, prompts, pixels, train_rows, _ = rlhf_prompts(recipe, processor, image_size)
+texts = [p["prompt"] for p in prompts]
+
+# %% [markdown]
+# ## One rollout, token by token
+#
+# Before training, the policy equals the reference, so the KL penalty is zero everywhere
+# and the only reward is the reward model's score on the last token. GAE spreads it back over
+# the answer through the value head (still untrained here: all values are 0, so with γ = 1
+# each token's advantage is the discounted sum of what follows).
+
+# %%
+policy = PolicyWithValueHead(sft)
+batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], max_new_tokens, seed=seed)
+with torch.no_grad():
+    logps, values = reply_logps_values(policy, batch)
+    ref_logps = reference_reply_logps(sft, batch)
+scores = score_replies(reward, tokenizer, [texts[r] for r in batch.prompt_rows], batch.texts,
+                       batch.pixel_values)
+rewards, kl = reward_with_kl(scores, logps, ref_logps, batch.reply_mask, beta=ppo_kl_coef)
+advantages, returns = gae(rewards, values, gamma=1.0, lam=0.95, mask=batch.reply_mask)
+row = 0
+n = int(batch.reply_mask[row].sum())
+tokens = [tokenizer.decode([t]) for t in batch.input_ids[row, batch.prompt_length:][:n]]
+print(f"question: {texts[batch.prompt_rows[row]].replace(chr(10), ' ')}\nanswer:   "
+      f"{batch.texts[row]}\nreward model score {float(scores[row]):+.3f}; "
+      f"KL per token (policy = reference): max |kl| {float(kl.abs().max()):.1e}")
+fig, ax = plt.subplots(figsize=(11, 3))
+ax.bar(range(n), rewards[row, :n], label="per-token reward")
+ax.plot(range(n), advantages[row, :n], "o-", color="C1", label="GAE advantage (λ = 0.95)")
+ax.plot(range(n), whiten(advantages, batch.reply_mask)[row, :n], "s--", color="C2",
+        label="whitened (over the batch)")
+ax.set_xticks(range(n), tokens, rotation=60, fontsize=7)
+ax.set(xlabel="answer token", ylabel="value", title="Rewards and advantages of one sampled answer")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## PPO against the reward model
+#
+# Every iteration samples answers to 64 training questions, scores them, and takes two
+# epochs of two minibatch steps. The judge also scores every rollout, but only for *us*:
+# the policy only ever sees the reward model. The trained policy is cached for 3.3.3.
+
+# %%
+start = time.perf_counter()
+ppo_vlm, history = ppo_policy(cache_dir, recipe, device=dev, log=None)
+seconds["PPO (trained or loaded)"] = time.perf_counter() - start
+first, last = history[:10], history[-10:]
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+for key in ("reward", "kl", "length", "utility", "hallucinated"):
+    print(f"{key:>13}: first 10 iterations {mean(first, key):+.3f}, last 10 {mean(last, key):+.3f}")
+
+# %% [markdown]
+# ## Without the KL penalty (β = 0)
+#
+# The KL term is what keeps the policy from chasing the reward model into regions where the
+# reward model is wrong. With β = 0 nothing holds it back. Same run, β = 0:
+
+# %%
+start = time.perf_counter()
+free_vlm, free_history = run_ppo(recipe, sft, reward, tokenizer, processor, kl_coef=0.0,
+                                 device=dev)
+free_history = free_history.steps
+seconds["PPO with beta = 0"] = time.perf_counter() - start
+for key in ("reward", "kl", "length", "utility", "hallucinated"):
+    print(f"{key:>13}: first 10 iterations {mean(free_history[:10], key):+.3f}, "
+          f"last 10 {mean(free_history[-10:], key):+.3f}")
+
+# %%
+panels = [("reward", "reward model score"), ("kl", "KL(π ‖ π_ref) per answer (nats)"),
+          ("utility", "judge's utility (never optimised)"),
+          ("hallucinated", "share of hallucinating answers"), ("length", "answer length (tokens)"),
+          ("beta", "β")]
+fig, axes = plt.subplots(2, 3, figsize=(14, 6))
+window = max(1, ppo_iterations // 10)
+for ax, (key, label) in zip(axes.flat, panels):
+    for name, rows in ((f"β adaptive from {ppo_kl_coef}", history), ("β = 0", free_history)):
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        smooth = values.unfold(0, window, 1).mean(1) if len(values) >= window else values
+        ax.plot(range(len(values) - len(smooth) + 1, len(values) + 1), smooth, label=name)
+    ax.set(xlabel="PPO iteration", ylabel=label, title=label)
+axes[0, 0].legend(fontsize=8)
+fig.suptitle(f"PPO on the rollouts (moving average of {window} iterations)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Held-out evaluation
+#
+# Greedy answers on 3.2's held-out scenes, every record played as a chat and judged, as in
+# 3.2; the reward model's mean score of the first answers; and the KL from the reference per
+# sampled answer.
+
+# %%
+start = time.perf_counter()
+heldout = heldout_prompts(recipe, test_scenes, processor, image_size)
+rows = {}
+for name, model in (("SFT (3.2)", sft), ("PPO", ppo_vlm), ("PPO, β = 0", free_vlm)):
+    rows[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
+seconds["evaluation"] = time.perf_counter() - start
+print(f"{'':>12} {'task acc.':>10} {'halluc.':>8} {'reward':>8} {'KL':>7}")
+for name, row in rows.items():
+    print(f"{name:>12} {row['mean_task_accuracy']:>10.3f} {row['hallucination_rate']:>8.3f} "
+          f"{row['reward']:>+8.3f} {row['kl']:>7.2f}")
+metrics["heldout"] = rows
+metrics["ppo_last10"] = {k: mean(last, k) for k in ("reward", "kl", "utility", "hallucinated")}
+metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
+                               for k in ("reward", "kl", "utility", "hallucinated")}
+
+# %% [markdown]
+# ## What this run shows
+#
+# Read the table against 3.3.1's finding that the reward model ranks held-out pairs only a
+# little better than chance. PPO does what it is built to do: it raises the reward model's
+# score. Whether that helps depends entirely on how well the reward model tracks the judge,
+# and the judge's columns (task accuracy, hallucination rate) answer that. The β = 0 row is
+# the textbook failure: with nothing holding it near the reference, the policy drifts
+# furthest, collects the highest reward-model score, and the judge rates its answers lowest.
+# That is reward hacking: the policy finds what the reward model gets wrong. The lines
+# below compute these comparisons from this run's table.
+
+# %%
+sft_row, ppo_row = rows["SFT (3.2)"], rows["PPO"]
+free_row = rows["PPO, β = 0"]
+for name, row in (("PPO", ppo_row), ("PPO, β = 0", free_row)):
+    d_h = row["hallucination_rate"] - sft_row["hallucination_rate"]
+    d_a = row["mean_task_accuracy"] - sft_row["mean_task_accuracy"]
+    verdict = "helped" if d_h < 0 and d_a >= -0.02 else "did not help"
+    metrics[f"{name}_verdict"] = verdict
+    print(f"{name:>11}: reward-model score {row['reward'] - sft_row['reward']:+.3f}, "
+          f"KL {row['kl']:.2f} nats, hallucination {d_h:+.3f}, task accuracy {d_a:+.3f} "
+          f"-> {verdict}")
+_ = write_metrics("3.3.2", metrics, output_dir)
+
+# %% tags=["nbval-ignore-output"]
+print("wall times:", {name: f"{value:.0f} s" for name, value in seconds.items()})
