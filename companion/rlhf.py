@@ -296,3 +296,41 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
             "hallucination_rate": scores.hallucination_rate(),
             "reward": float(rewards.mean()), "kl": kl,
             "by_task": {t: round(v["accuracy"], 4) for t, v in scores.by_task().items()}}
+
+
+# parameter name in the 3.3 notebooks -> (recipe, field)
+_NOTEBOOK_PARAMETERS = {
+    "seed": [("sft", "seed"), ("rlhf", "seed")],
+    "tokenizer_scenes": [("sft", "tokenizer_scenes")],
+    "clip_train_scenes": [("sft", "clip_train_scenes")],
+    "clip_steps": [("sft", "clip_steps")],
+    "clip_batch_size": [("sft", "clip_batch_size")],
+    "lm_scenes": [("sft", "lm_scenes")],
+    "lm_steps": [("sft", "lm_steps")],
+    "sft_train_scenes": [("sft", "train_scenes")],
+    "sft_stage1_steps": [("sft", "stage1_steps")],
+    "sft_stage2_steps": [("sft", "stage2_steps")],
+    "sft_batch_size": [("sft", "batch_size")],
+    "preference_scenes": [("rlhf", "scenes")],
+    "samples": [("rlhf", "samples")],
+    "max_new_tokens": [("rlhf", "max_new_tokens")],
+    "pairs": [("rlhf", "pairs")],
+    "rm_steps": [("rlhf", "rm_steps")],
+    "rm_lr": [("rlhf", "rm_lr")],
+    "ppo_iterations": [("rlhf", "ppo_iterations")],
+    "ppo_batch_size": [("rlhf", "ppo_batch_size")],
+    "ppo_lr": [("rlhf", "ppo_lr")],
+    "ppo_kl_coef": [("rlhf", "ppo_kl_coef")],
+}
+
+
+def recipe_from_parameters(parameters: dict) -> RLHFRecipe:
+    """The section's recipe from a 3.3 notebook's parameters (by their names in the
+    parameters cell; names a notebook does not declare keep the defaults). Every 3.3
+    notebook builds its recipe here, so the same parameters always give the same cache keys."""
+    fields: dict[str, dict] = {"sft": {}, "rlhf": {}}
+    for name, targets in _NOTEBOOK_PARAMETERS.items():
+        if name in parameters:
+            for recipe, field_name in targets:
+                fields[recipe][field_name] = parameters[name]
+    return RLHFRecipe(sft=InstructionRecipe(**fields["sft"]), **fields["rlhf"])

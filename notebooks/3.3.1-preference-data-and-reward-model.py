@@ -67,25 +67,18 @@ import torch
 
 from companion.book import write_metrics
 from companion.dpo import reference_logps
-from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.instruction import instruction_tuned_vlm
 from companion.losses.preference import bradley_terry_loss, preference_probability
 from companion.preference import flip_preferences, score_pairs
-from companion.rlhf import (RLHFRecipe, preference_data, preference_records, reward_model,
-                            rlhf_prompts, train_reward_model)
+from companion.rlhf import (preference_data, preference_records, recipe_from_parameters,
+                            reward_model, rlhf_prompts, train_reward_model)
 from companion.runtime import setup
 
 %matplotlib inline
 dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 seconds = {}
-recipe = RLHFRecipe(
-    sft=InstructionRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
-                          clip_train_scenes=clip_train_scenes, clip_steps=clip_steps,
-                          clip_batch_size=clip_batch_size, lm_scenes=lm_scenes, lm_steps=lm_steps,
-                          train_scenes=sft_train_scenes, stage1_steps=sft_stage1_steps,
-                          stage2_steps=sft_stage2_steps, batch_size=sft_batch_size),
-    seed=seed, scenes=preference_scenes, samples=samples, max_new_tokens=max_new_tokens,
-    pairs=pairs, rm_steps=rm_steps, rm_lr=rm_lr)
+recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
 start = time.perf_counter()
 sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
 seconds["3.2 model (loaded or trained)"] = time.perf_counter() - start

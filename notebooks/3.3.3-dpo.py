@@ -69,10 +69,10 @@ import matplotlib.pyplot as plt
 
 from companion.book import write_metrics
 from companion.dpo import DPOConfig, train_dpo
-from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.instruction import instruction_tuned_vlm
 from companion.plots import plot_dpo_losses
-from companion.rlhf import (RLHFRecipe, evaluate_policy, heldout_prompts, ppo_policy,
-                            preference_data, preference_records, reward_model, rlhf_prompts)
+from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
+                            preference_records, recipe_from_parameters, reward_model, rlhf_prompts)
 from companion.runtime import setup
 from companion.widgets import dpo_beta_slider
 
@@ -80,15 +80,7 @@ from companion.widgets import dpo_beta_slider
 dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 seconds = {}
-recipe = RLHFRecipe(
-    sft=InstructionRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
-                          clip_train_scenes=clip_train_scenes, clip_steps=clip_steps,
-                          clip_batch_size=clip_batch_size, lm_scenes=lm_scenes, lm_steps=lm_steps,
-                          train_scenes=sft_train_scenes, stage1_steps=sft_stage1_steps,
-                          stage2_steps=sft_stage2_steps, batch_size=sft_batch_size),
-    seed=seed, scenes=preference_scenes, samples=samples, max_new_tokens=max_new_tokens,
-    pairs=pairs, rm_steps=rm_steps, rm_lr=rm_lr, ppo_iterations=ppo_iterations,
-    ppo_batch_size=ppo_batch_size, ppo_lr=ppo_lr, ppo_kl_coef=ppo_kl_coef)
+recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
 start = time.perf_counter()
 sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
 records = preference_records(cache_dir, recipe, device=dev, log=None)

@@ -146,3 +146,39 @@ def test_chapter_runs_with_smoke_profile(chapter_id, tmp_path):
                 f"chapter {chapter_id}: metric {key!r} missing")
             value = value[part]
         assert isinstance(value, (int, float)) and math.isfinite(value), key
+
+
+def _chapter_parameters(chapter_id: str, profile: str) -> dict:
+    import ast
+
+    nb = nbformat.read(CHAPTERS[chapter_id].notebook, as_version=4)
+    specs = parse_parameters_source(code_cells(nb)[0].source)
+    values = {name: ast.literal_eval(spec["default"]) for name, spec in specs.items()}
+    values.update(BOOK.profiles[profile].parameters_for(chapter_id))
+    return values
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke", "gpu"])
+def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(profile):
+    """3.3.x load what 3.2 and the earlier 3.3 notebooks cached: under every profile their
+    parameters must make the same recipes, or each would silently retrain its own."""
+    from companion.instruction import InstructionRecipe
+    from companion.rlhf import recipe_from_parameters
+
+    recipes = {c: recipe_from_parameters(_chapter_parameters(c, profile))
+               for c in ("3.3.1", "3.3.2", "3.3.3")}
+    shared = ("sft", "seed", "scenes", "samples", "max_new_tokens", "pairs", "noise",
+              "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size")
+    for chapter, recipe in recipes.items():
+        for name in shared:
+            assert getattr(recipe, name) == getattr(recipes["3.3.1"], name), (chapter, name)
+    assert recipes["3.3.2"] == recipes["3.3.3"]  # 3.3.3 loads 3.3.2's PPO policy
+    p = _chapter_parameters("3.2", profile)
+    sft = InstructionRecipe(
+        seed=p["seed"], tokenizer_scenes=p["tokenizer_scenes"],
+        clip_train_scenes=p["clip_train_scenes"], clip_steps=p["clip_steps"],
+        clip_batch_size=p["clip_batch_size"], lm_scenes=p["lm_scenes"], lm_steps=p["lm_steps"],
+        train_scenes=p["train_scenes"], stage1_steps=p["stage1_steps"],
+        stage1_lr=p["stage1_lr"], stage2_steps=p["stage2_steps"], stage2_lr=p["stage2_lr"],
+        batch_size=p["batch_size"])
+    assert recipes["3.3.1"].sft == sft, "3.3.x would not find the model 3.2 publishes"

@@ -16,6 +16,7 @@ from companion.preference import (RewardModel, encode_preferences, label_prefere
                                   preference_prompts, reward_model_loss, reward_trainable,
                                   sample_replies, save_preferences, score_replies,
                                   validate_preference_records)
+from companion.rlhf import RLHFRecipe
 from companion.tokenizer import train_tokenizer, world_corpus
 from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length, image_token_id
 from companion.world import make_scenes, render_scene
@@ -346,3 +347,15 @@ def test_section_artifacts_are_built_once_and_reloaded(tmp_path):
     assert messages[-1].startswith("loaded reward-model")
     with pytest.raises(ValueError, match="noise"):
         RLHFRecipe(noise=2.0)
+
+
+def test_recipe_from_notebook_parameters_maps_every_name():
+    from companion.rlhf import recipe_from_parameters
+
+    recipe = recipe_from_parameters({"seed": 3, "sft_train_scenes": 5, "sft_batch_size": 2,
+                                     "preference_scenes": 7, "rm_lr": 1e-3, "ppo_kl_coef": 0.0,
+                                     "dpo_beta": 0.5, "output_dir": "x"})
+    assert recipe.seed == recipe.sft.seed == 3
+    assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
+    assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
+    assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
