@@ -429,18 +429,20 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
 
 def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                 batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
-                log: Callable[[str], None] | None = print):
-    """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`) and train it
-    on ``data`` with the assistant-only loss; returns the training history."""
-    from companion.stages import apply_stage
+                log: Callable[[str], None] | None = print, parts: Sequence[str] | None = None,
+                warmup_fraction: float = 0.03):
+    """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`), or so that
+    exactly ``parts`` learn when given, and train it on ``data`` with the assistant-only
+    loss; returns the training history."""
+    from companion.stages import apply_stage, set_trainable
     from companion.train import TrainConfig, train
 
-    counts = apply_stage(model, stage)
+    counts = set_trainable(model, parts) if parts is not None else apply_stage(model, stage)
     if log:
         log(f"{stage}: training {', '.join(p for p, n in counts.items() if n)} "
             f"({sum(counts.values()) / 1e6:.3f} M parameters); frozen: "
             f"{', '.join(p for p, n in counts.items() if not n)}")
-    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.03,
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=warmup_fraction,
                          log_every=max(1, steps // 4) if log else 0, progress=progress)
     return train(model, lambda batch: instruction_tuning_step(model, batch),
                  lambda step: data.batch(batch_size, step, seed=seed, pad_id=pad_id),

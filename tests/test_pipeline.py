@@ -1,0 +1,107 @@
+"""The LLaVA-1.5 pipeline: the stage table drives training; reruns resume; broken artifacts
+are rebuilt, never loaded."""
+
+import warnings
+
+import pytest
+import torch
+
+from companion.pipeline import (CPU_STAGES, LLAVA15_STAGES, PipelineConfig, Stage, run_pipeline,
+                                stage_summary)
+
+
+def _tiny(stages=("vision", "lm", "stage1", "stage2")):
+    table = {"vision": dict(batch_size=8, epochs=0.5), "lm": dict(batch_size=4, epochs=0.8),
+             "stage1": dict(batch_size=4, epochs=1.0), "stage2": dict(batch_size=4, epochs=0.1),
+             "dpo": dict(batch_size=2, epochs=0.01)}
+    rows = tuple(s.__class__(**{**s.__dict__, **table[s.name]}) for s in CPU_STAGES
+                 if s.name in stages)
+    return PipelineConfig(tokenizer_scenes=40, clip_scenes=32, lm_scenes=10, sft_scenes=8,
+                          preference_scenes=10, stages=rows)
+
+
+def _lm_weights(folder):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    return model.model.language_model.state_dict()
+
+
+def test_stage_table_matches_llava_15_and_validates():
+    stage1, stage2 = (next(s for s in LLAVA15_STAGES if s.name == n) for n in ("stage1", "stage2"))
+    assert (stage1.lr, stage1.batch_size, stage1.epochs, stage1.trains) == (1e-3, 256, 1, ("projector",))
+    assert (stage2.lr, stage2.batch_size, stage2.epochs) == (2e-5, 128, 1)
+    assert stage2.trains == ("projector", "lm") and stage2.warmup_fraction == 0.03
+    assert [row["stage"] for row in stage_summary(PipelineConfig())] == [
+        "vision", "lm", "stage1", "stage2", "dpo"]
+    with pytest.raises(ValueError, match="choose parts"):
+        Stage("stage1", "", "", ("decoder",), 1e-3, 8)
+    with pytest.raises(ValueError, match="trains"):
+        Stage("vision", "", "", ("lm",), 1e-3, 8)
+    with pytest.raises(ValueError, match="subsequence"):
+        PipelineConfig(stages=(CPU_STAGES[2], CPU_STAGES[0]))
+    with pytest.raises(ValueError, match="needs"):
+        PipelineConfig(stages=(CPU_STAGES[3],))
+    assert Stage("stage2", "", "", ("lm",), 1e-3, 32, epochs=2).steps(100) == 7
+
+
+def test_the_table_drives_what_trains_and_reruns_resume(tmp_path):
+    config = _tiny()
+    first = run_pipeline(config, tmp_path, log=None)
+    assert [s.built for s in first.stages] == [True] * 4
+    assert all(s.steps >= 1 for s in first.stages)
+    # stage 1 trains the projector only: its LM is the lm stage's, bit for bit
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM.from_pretrained(first.folder("lm")).model.state_dict()
+    after1, after2 = _lm_weights(first.folder("stage1")), _lm_weights(first.folder("stage2"))
+    assert all(torch.equal(lm[k], after1[k]) for k in lm)
+    assert not all(torch.equal(after1[k], after2[k]) for k in after1)  # stage 2 trains it
+    # a rerun loads every finished stage
+    again = run_pipeline(config, tmp_path, log=None)
+    assert [s.built for s in again.stages] == [False] * 4
+    # the table, not the stage's name, says what learns: let stage 1 train the LM as well
+    changed = config.with_stage("stage1", trains=("projector", "lm"))
+    third = run_pipeline(changed, tmp_path, log=None)
+    assert [s.built for s in third.stages] == [False, False, True, True]
+    after1 = _lm_weights(third.folder("stage1"))
+    assert not all(torch.equal(lm[k], after1[k]) for k in lm)
+
+
+def test_an_interrupted_stage_resumes_without_redoing_finished_ones(tmp_path, monkeypatch):
+    import companion.pipeline as pipeline
+
+    config = _tiny()
+    real = pipeline._BUILDERS["stage2"]
+
+    def crash(config, stage, folder, ctx):
+        (folder / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed mid-stage")
+
+    monkeypatch.setitem(pipeline._BUILDERS, "stage2", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, tmp_path, log=None)
+    assert not list(tmp_path.glob("3-stage2-*")), "a half-written stage must not be in place"
+    monkeypatch.setitem(pipeline._BUILDERS, "stage2", real)
+    resumed = run_pipeline(config, tmp_path, log=None)
+    assert [s.built for s in resumed.stages] == [False, False, False, True]
+
+
+def test_a_corrupted_artifact_is_detected_and_rebuilt(tmp_path):
+    config = _tiny(("vision", "lm", "stage1"))
+    first = run_pipeline(config, tmp_path, log=None)
+    weights = first.folder("stage1") / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-10] + bytes(10))  # same size, different bytes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = run_pipeline(config, tmp_path, log=None)
+    assert any("broken cached artifact" in str(w.message) for w in caught)
+    assert [s.built for s in again.stages] == [False, False, True]
+    assert (again.folder("stage1") / "model.safetensors").read_bytes() == original  # same run
+
+
+def test_dpo_stage_runs_after_stage2(tmp_path):
+    result = run_pipeline(_tiny(("vision", "lm", "stage1", "stage2", "dpo")), tmp_path, log=None)
+    assert result.stages[-1].name == "dpo" and result.stages[-1].built
+    assert (result.folder("dpo") / "history.json").exists()
