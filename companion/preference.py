@@ -165,10 +165,10 @@ def validate_preference_records(records, where: str = "preference data") -> list
             if key not in record:
                 raise ValueError(f"{at}: missing key {key!r} (a preference record needs "
                                  f"{', '.join(PREFERENCE_KEYS)})")
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(record[key], str) or not record[key].strip() and key == "prompt":
-                raise ValueError(f"{at}, key {key!r}: expected a non-empty string, got "
-                                 f"{record[key]!r}")
+        for key in ("prompt", "chosen", "rejected"):  # a reply may be empty, a prompt not
+            if not isinstance(record[key], str) or (key == "prompt" and not record[key].strip()):
+                raise ValueError(f"{at}, key {key!r}: expected a{' non-empty' * (key == 'prompt')}"
+                                 f" string, got {record[key]!r}")
         images = record["images"]
         if (not isinstance(images, list) or len(images) != 1
                 or not isinstance(images[0], str)):

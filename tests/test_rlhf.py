@@ -83,6 +83,7 @@ def test_noise_flips_about_the_requested_share(world):
 
 @pytest.mark.parametrize("change, message", [
     ({"chosen": None}, "key 'chosen'"),
+    ({"prompt": "  "}, "non-empty"),
     ({"prompt": "How many?"}, "placeholder"),
     ({"images": "a.png"}, "key 'images'"),
     ({"images": ["a.png", "b.png"]}, "key 'images'"),
