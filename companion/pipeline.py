@@ -266,7 +266,7 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
     """Run (or resume) every stage of ``config`` in order; each stage's artifact lands in
     ``run_dir``. Finished stages of an earlier run with the same settings are loaded, not
     redone."""
-    from companion.artifacts import artifact_path, cached_artifact, verify_artifact
+    from companion.artifacts import cached_artifact
     from companion.tokenizer import world_tokenizer
 
     run_dir = Path(run_dir)
@@ -294,21 +294,18 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
 
     ctx["load_vlm"] = load_vlm_for
     for index, stage in enumerate(config.stages):
-        key = config.key_for(index)
-        name = f"{index}-{stage.name}"
-        done = artifact_path(run_dir, name, key)
-        finished = done.exists() and verify_artifact(done) is None
         start = time.perf_counter()
-        steps = []
+        steps = []  # filled only when the stage is built, not when it is loaded
 
         def build(folder, stage=stage):
             steps.append(_BUILDERS[stage.name](config, stage, folder, ctx))
 
-        folder = cached_artifact(run_dir, name, key, build, log=None)
+        folder = cached_artifact(run_dir, f"{index}-{stage.name}", config.key_for(index), build,
+                                 log=None)
         seconds = time.perf_counter() - start
-        result.stages.append(StageResult(stage.name, folder, not finished, seconds,
+        result.stages.append(StageResult(stage.name, folder, bool(steps), seconds,
                                          steps[0] if steps else 0))
         if log:
-            log(f"{stage.name:>7}: {'trained' if not finished else 'loaded'} "
+            log(f"{stage.name:>7}: {'trained' if steps else 'loaded'} "
                 f"({seconds:.0f} s{f', {steps[0]} steps' if steps else ''})")
     return result

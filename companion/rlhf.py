@@ -202,6 +202,7 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
     Returns ``(policy_vlm, history)``."""
     from companion.ppo import PolicyWithValueHead, train_ppo
     from companion.preference import judge_reply, score_replies
+    from companion.stages import set_trainable
 
     by_id, prompts, pixels, train_rows, _ = rlhf_prompts(
         recipe, processor, sft.config.vision_config.image_size)
@@ -210,8 +211,7 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
     texts = [p["prompt"] for p in prompts]
     torch.manual_seed(recipe.seed)
     policy = PolicyWithValueHead(copy.deepcopy(sft)).to(device)
-    for name, parameter in policy.named_parameters():
-        parameter.requires_grad_(".vision_tower." not in name)
+    set_trainable(policy.vlm, ("projector", "lm"))  # as in stage 2; the value head learns too
 
     def reward_fn(rows, replies):
         return score_replies(reward, tokenizer, [texts[r] for r in rows], replies, pixels[rows])

@@ -74,6 +74,7 @@ from companion.plots import plot_dpo_losses
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
                             preference_records, recipe_from_parameters, reward_model, rlhf_prompts)
 from companion.runtime import setup
+from companion.stages import set_trainable
 from companion.widgets import dpo_beta_slider
 
 %matplotlib inline
@@ -128,8 +129,7 @@ plt.show()
 # %%
 def dpo_run(loss_type, beta):
     policy = copy.deepcopy(sft)
-    for name, parameter in policy.named_parameters():
-        parameter.requires_grad_(".vision_tower." not in name)
+    set_trainable(policy, ("projector", "lm"))  # vision frozen, as in stage 2
     config = DPOConfig(beta=beta, loss_type=loss_type, steps=dpo_steps, lr=dpo_lr,
                        batch_size=dpo_batch_size, seed=seed)
     start = time.perf_counter()
