@@ -430,10 +430,11 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
 def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                 batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
                 log: Callable[[str], None] | None = print, parts: Sequence[str] | None = None,
-                warmup_fraction: float = 0.03):
+                warmup_fraction: float = 0.03, lr_scale: dict[str, float] | None = None):
     """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`), or so that
     exactly ``parts`` learn when given, and train it on ``data`` with the assistant-only
-    loss; returns the training history."""
+    loss; returns the training history. ``lr_scale`` maps parameter-name prefixes to
+    learning-rate multipliers (e.g. ``{"model.vision_tower.": 0.1}``)."""
     from companion.stages import apply_stage, set_trainable
     from companion.train import TrainConfig, train
 
@@ -446,7 +447,7 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                          log_every=max(1, steps // 4) if log else 0, progress=progress)
     return train(model, lambda batch: instruction_tuning_step(model, batch),
                  lambda step: data.batch(batch_size, step, seed=seed, pad_id=pad_id),
-                 config, device=device, print_fn=log or (lambda _: None))
+                 config, device=device, print_fn=log or (lambda _: None), lr_scale=lr_scale)
 
 
 def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:

@@ -47,6 +47,12 @@ class Stage:
     epochs: float = 1.0            # passes over the stage's data (steps = ceil(epochs * n / batch))
     warmup_fraction: float = 0.03
     beta: float = 0.1              # DPO only: strength of the pull towards the reference
+    # per-part learning-rate multipliers, e.g. (("vision", 0.1),): that part learns at lr * 0.1
+    lr_scale: tuple[tuple[str, float], ...] = ()
+    # the data recipe of stage1 / stage2 (the training tricks of section 3.4 change these):
+    tasks: tuple[str, ...] = ()    # task types to train on; () = the stage's own default
+    scene_fraction: float = 1.0    # keep this fraction of the scenes (and all their records)
+    image_noise: float = 0.0       # this fraction of records gets another scene's image
 
     def __post_init__(self):
         if self.name not in STAGE_KINDS:
@@ -57,6 +63,25 @@ class Stage:
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"stage {self.name!r}: warmup_fraction={self.warmup_fraction} must "
                              "be in [0, 1)")
+        for part, scale in self.lr_scale:
+            if part not in self.trains or not (scale > 0 and math.isfinite(scale)):
+                raise ValueError(f"stage {self.name!r}: lr_scale {part!r}={scale}: the part must "
+                                 f"be one the stage trains {self.trains} and the scale positive "
+                                 "(to freeze a part, leave it out of trains)")
+        if self.name not in ("stage1", "stage2") and (self.tasks or self.scene_fraction != 1.0
+                                                       or self.image_noise):
+            raise ValueError(f"stage {self.name!r}: tasks, scene_fraction and image_noise "
+                             "describe instruction data; only stage1 and stage2 take them")
+        if not 0 < self.scene_fraction <= 1 or not 0 <= self.image_noise <= 1:
+            raise ValueError(f"stage {self.name!r}: scene_fraction={self.scene_fraction} must be "
+                             f"in (0, 1] and image_noise={self.image_noise} in [0, 1]")
+        if self.tasks:
+            from companion.world import TASK_TYPES
+
+            unknown = [t for t in self.tasks if t not in TASK_TYPES]
+            if unknown:
+                raise ValueError(f"stage {self.name!r}: tasks {unknown} are not task types of "
+                                 f"the world {TASK_TYPES}")
         allowed = {"vision": {("clip",)}, "lm": {("lm",)}}.get(self.name)
         if allowed is not None and tuple(self.trains) not in allowed:
             raise ValueError(f"stage {self.name!r} trains {sorted(allowed)[0]}, not "
@@ -122,7 +147,8 @@ class PipelineConfig:
         names = [s.name for s in self.stages]
         if names != [n for n in STAGE_KINDS if n in names] or len(set(names)) != len(names):
             raise ValueError(f"stages {names} must be a subsequence of {STAGE_KINDS}, each once")
-        for needed, before in (("stage1", ("vision", "lm")), ("stage2", ("stage1",)),
+        # stage 2 may follow lm directly: unfreezing projector and LM at once, no stage 1
+        for needed, before in (("stage1", ("vision", "lm")), ("stage2", ("vision", "lm")),
                                ("dpo", ("stage2",))):
             if needed in names and not all(b in names for b in before):
                 raise ValueError(f"stage {needed!r} needs {before} before it; stages: {names}")
@@ -139,6 +165,17 @@ class PipelineConfig:
         return replace(self, stages=tuple(replace(s, **changes) if s.name == name else s
                                           for s in self.stages))
 
+    def upto(self, name: str) -> PipelineConfig:
+        """This config's stages up to and including ``name``."""
+        names = [s.name for s in self.stages]
+        self.stage(name)
+        return replace(self, stages=self.stages[:names.index(name) + 1])
+
+    def without_stage(self, name: str) -> PipelineConfig:
+        """This config without stage ``name`` (e.g. no stage 1: unfreeze all at once)."""
+        self.stage(name)
+        return replace(self, stages=tuple(s for s in self.stages if s.name != name))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -149,13 +186,49 @@ class PipelineConfig:
                 "stages": [asdict(s) for s in self.stages[:index + 1]]}
 
 
+_WORLD_PARAMETERS = ("seed", "tokenizer_scenes", "clip_scenes", "lm_scenes", "sft_scenes",
+                     "preference_scenes")
+_STAGE_PARAMETERS = {"lr": "lr", "batch_size": "batch_size", "epochs": "epochs",
+                     "warmup_fraction": "warmup_fraction", "beta": "beta"}
+
+
+def config_from_parameters(parameters: dict, base: tuple[Stage, ...] = CPU_STAGES) -> PipelineConfig:
+    """The pipeline of notebook 3.4 from its parameters: world sizes by name
+    (``clip_scenes``...) and each stage's settings as ``<stage>_<setting>`` (``stage2_lr``,
+    ``stage1_batch_size``, ``vision_epochs``, ``dpo_beta``...); ``warmup_fraction`` sets the
+    warmup of the LLaVA stages (stage 1, 2 and DPO). Names not given keep ``base``'s values,
+    so the book's profiles stay short and one test can check the gpu profile against
+    LLaVA-1.5's published table."""
+    world = {name: parameters[name] for name in _WORLD_PARAMETERS if name in parameters}
+    stages = []
+    for stage in base:
+        changes = {}
+        if "warmup_fraction" in parameters and stage.name in ("stage1", "stage2", "dpo"):
+            changes["warmup_fraction"] = parameters["warmup_fraction"]
+        for suffix, field_name in _STAGE_PARAMETERS.items():
+            key = f"{stage.name}_{suffix}"
+            if key in parameters:
+                changes[field_name] = parameters[key]
+        stages.append(replace(stage, **changes))
+    return PipelineConfig(stages=tuple(stages), **world)
+
+
 @dataclass
 class StageResult:
     name: str
     folder: Path
     built: bool          # False: loaded from a finished artifact of an earlier run
     seconds: float
-    steps: int
+    steps: int           # optimiser steps the stage took (when it was built)
+    examples: int        # training examples of the stage (its epoch)
+
+    def history(self) -> list[dict]:
+        """The stage's per-step training records (loss, lr, ...), from its artifact."""
+        path = self.folder / "history.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        clip_run = self.folder / "training.json"  # the vision stage saves a CLIP run
+        return json.loads(clip_run.read_text())["steps"] if clip_run.is_file() else []
 
 
 @dataclass
@@ -163,8 +236,14 @@ class PipelineResult:
     config: PipelineConfig
     stages: list[StageResult] = field(default_factory=list)
 
+    def stage(self, name: str) -> StageResult:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"the run has no stage {name!r}: {[s.name for s in self.stages]}")
+
     def folder(self, name: str) -> Path:
-        return next(s.folder for s in self.stages if s.name == name)
+        return self.stage(name).folder
 
 
 def stage_summary(config: PipelineConfig) -> list[dict]:
@@ -188,7 +267,7 @@ def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict)
                         steps=steps, lr=stage.lr, warmup_fraction=stage.warmup_fraction)
     save_clip_run(pretrain_clip(recipe, tokenizer=ctx["tokenizer"], device=ctx["device"],
                                 log_every=0), folder)
-    return steps
+    return steps, config.clip_scenes
 
 
 def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
@@ -201,35 +280,52 @@ def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> 
     model, history = pretrain_lm(recipe, ctx["tokenizer"], device=ctx["device"])
     model.save_pretrained(folder)
     _history_file(folder, history.steps)
-    return steps
+    return steps, config.lm_scenes
 
 
-def _sft_data(config: PipelineConfig, ctx: dict, model, processor, tokenizer):
-    if "sft_data" not in ctx:
-        from companion.instruction import InstructionRecipe, encode_stage_data, instruction_records
-        from companion.vlm import image_seq_length
+def stage_records(config: PipelineConfig, stage: Stage, ctx: dict | None = None):
+    """``(scenes_by_id, records)`` a LLaVA stage trains on: the pipeline's instruction data
+    (one record of each task type per scene), then the stage's data recipe: its task types
+    (stage 1: descriptions, like LLaVA's image-caption pairs; stage 2: every type), its
+    fraction of the scenes, and its fraction of records shown with a wrong image."""
+    from companion.instruction import InstructionRecipe, instruction_records
+    from companion.tricks import mismatch_images, select_tasks, subsample_scenes
+    from companion.world import TASK_TYPES
 
-        recipe = InstructionRecipe(seed=config.seed, train_scenes=config.sft_scenes)
-        by_id, records = instruction_records(recipe)
-        ctx["sft_data"] = encode_stage_data(records, by_id, tokenizer, processor,
-                                            image_seq_length(model),
-                                            model.config.vision_config.image_size)
-    return ctx["sft_data"]
+    ctx = ctx if ctx is not None else {}
+    if "sft_records" not in ctx:
+        ctx["sft_records"] = instruction_records(
+            InstructionRecipe(seed=config.seed, train_scenes=config.sft_scenes))
+    by_id, records = ctx["sft_records"]
+    tasks = stage.tasks or (("description",) if stage.name == "stage1" else TASK_TYPES)
+    records = select_tasks(records, [t for t in TASK_TYPES if t in tasks])
+    if stage.scene_fraction < 1:
+        records = subsample_scenes(records, stage.scene_fraction, seed=config.seed)
+    if stage.image_noise:
+        records = mismatch_images(records, stage.image_noise, seed=config.seed)
+    return by_id, records
 
 
 def _build_llava_stage(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    from companion.instruction import train_stage
-    from companion.vlm import save_vlm
+    from companion.instruction import encode_records, train_stage
+    from companion.stages import PARTS
+    from companion.vlm import image_seq_length, save_vlm
+    from companion.world import render_scene
 
     model, processor, tokenizer = ctx["load_vlm"](stage.name)
-    data = _sft_data(config, ctx, model, processor, tokenizer)[stage.name]
+    by_id, records = stage_records(config, stage, ctx)
+    size = model.config.vision_config.image_size
+    data = encode_records(records, tokenizer, processor, image_seq_length(model),
+                          lambda record: render_scene(by_id[record["scene_id"]], size))
     steps = stage.steps(len(data))
+    lr_scale = {prefix: scale for part, scale in stage.lr_scale for prefix in PARTS[part]}
     history = train_stage(model, stage.name, data, steps, stage.lr, stage.batch_size,
                           config.seed, tokenizer.pad_token_id, ctx["device"], log=None,
-                          parts=stage.trains, warmup_fraction=stage.warmup_fraction)
+                          parts=stage.trains, warmup_fraction=stage.warmup_fraction,
+                          lr_scale=lr_scale or None)
     save_vlm(folder, model, processor, tokenizer)
     _history_file(folder, history.steps)
-    return steps
+    return steps, len(data)
 
 
 def _build_dpo(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
@@ -254,7 +350,7 @@ def _build_dpo(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) ->
                         device=ctx["device"], log=None)
     save_vlm(folder, policy, processor, tokenizer)
     _history_file(folder, history.steps)
-    return steps
+    return steps, len(data)
 
 
 _BUILDERS = {"vision": _build_vision, "lm": _build_lm, "stage1": _build_llava_stage,
@@ -283,7 +379,7 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
         from companion.vlm import build_vlm, load_vlm
 
         previous = config.stages[[s.name for s in config.stages].index(name) - 1].name
-        if name == "stage1":
+        if previous == "lm":  # the first LLaVA stage: assemble CLIP + projector + LM
             clip = CLIPModel.from_pretrained(result.folder("vision"))
             processor = AutoImageProcessor.from_pretrained(result.folder("vision"))
             lm = LlamaForCausalLM.from_pretrained(result.folder("lm"))
@@ -298,14 +394,33 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
         steps = []  # filled only when the stage is built, not when it is loaded
 
         def build(folder, stage=stage):
-            steps.append(_BUILDERS[stage.name](config, stage, folder, ctx))
+            taken, examples = _BUILDERS[stage.name](config, stage, folder, ctx)
+            (folder / "stage.json").write_text(json.dumps({"steps": taken, "examples": examples}))
+            steps.append(taken)
 
         folder = cached_artifact(run_dir, f"{index}-{stage.name}", config.key_for(index), build,
                                  log=None)
         seconds = time.perf_counter() - start
+        done = json.loads((folder / "stage.json").read_text())
         result.stages.append(StageResult(stage.name, folder, bool(steps), seconds,
-                                         steps[0] if steps else 0))
+                                         done["steps"], done["examples"]))
         if log:
-            log(f"{stage.name:>7}: {'trained' if steps else 'loaded'} "
-                f"({seconds:.0f} s{f', {steps[0]} steps' if steps else ''})")
+            log(f"{stage.name:>7}: {'trained' if steps else 'loaded'} ({seconds:.0f} s, "
+                f"{done['steps']} steps on {done['examples']} examples)")
     return result
+
+
+def evaluate_stage(folder, records, scenes_by_id, device="cpu", max_new_tokens: int = 48):
+    """Judge the VLM saved in a stage's ``folder`` on held-out ``records``: the
+    :class:`~companion.instruction.TaskScores` of every answer."""
+    from companion.clip import pixel_values_for
+    from companion.instruction import evaluate_tasks
+    from companion.vlm import load_vlm
+    from companion.world import render_scene
+
+    model, processor, tokenizer = load_vlm(folder, device=device)
+    size = model.config.vision_config.image_size
+    pixels = pixel_values_for(processor, [render_scene(scenes_by_id[r["scene_id"]], size)
+                                          for r in records])
+    return evaluate_tasks(model, tokenizer, records, scenes_by_id, pixels,
+                          max_new_tokens=max_new_tokens)

@@ -105,3 +105,81 @@ def test_dpo_stage_runs_after_stage2(tmp_path):
     result = run_pipeline(_tiny(("vision", "lm", "stage1", "stage2", "dpo")), tmp_path, log=None)
     assert result.stages[-1].name == "dpo" and result.stages[-1].built
     assert (result.folder("dpo") / "history.json").exists()
+
+
+def test_stage2_straight_after_lm_unfreezes_all_at_once(tmp_path):
+    """Progressive unfreezing's other arm: no stage 1, the projector learns with the LM."""
+    config = _tiny().without_stage("stage1")
+    result = run_pipeline(config, tmp_path, log=None)
+    assert [s.name for s in result.stages] == ["vision", "lm", "stage2"]
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM.from_pretrained(result.folder("lm")).model.state_dict()
+    tuned = _lm_weights(result.folder("stage2"))
+    assert not all(torch.equal(lm[k], tuned[k]) for k in lm)
+    with pytest.raises(ValueError, match="needs"):
+        PipelineConfig(stages=tuple(s for s in CPU_STAGES if s.name != "lm"))
+
+
+def test_lr_scale_in_the_table_sets_the_vision_towers_learning_rate(tmp_path):
+    """The same stage 2 with the vision tower learning at 1x and at 0.01x the rate: the
+    smaller scale moves the tower far less, and the frozen default not at all."""
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    from companion.tricks import vision_drift
+
+    base = _tiny()
+    clip = CLIPModel.from_pretrained(run_pipeline(base, tmp_path, log=None).folder("vision"))
+    drift = {}
+    for scale in (1.0, 0.01):
+        config = base.with_stage("stage2", trains=("vision", "projector", "lm"),
+                                 lr_scale=(("vision", scale),))
+        result = run_pipeline(config, tmp_path, log=None)
+        assert [s.built for s in result.stages] == [False, False, False, True]
+        drift[scale] = vision_drift(
+            LlavaForConditionalGeneration.from_pretrained(result.folder("stage2")), clip)
+    frozen = LlavaForConditionalGeneration.from_pretrained(
+        run_pipeline(base, tmp_path, log=None).folder("stage2"))
+    assert vision_drift(frozen, clip) == 0.0
+    assert 0 < drift[0.01] < 0.2 * drift[1.0], drift
+
+
+_KILL_SCRIPT = """
+import sys
+from companion.pipeline import run_pipeline
+sys.path.insert(0, {tests!r})
+from test_pipeline import _tiny
+config = _tiny().with_stage("stage2", epochs=40.0)  # long enough to be killed in the middle
+run_pipeline(config, {run_dir!r}, log=None)
+"""
+
+
+def test_a_run_killed_mid_stage_resumes_at_that_stage(tmp_path):
+    """SIGKILL a real pipeline process while stage 2 is being written; the rerun loads the
+    finished stages, ignores the half-written one and builds stage 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = _KILL_SCRIPT.format(tests=str(root / "tests"), run_dir=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 300
+    try:
+        while not list(tmp_path.glob(".3-stage2-*")):  # stage 2's temporary folder
+            assert proc.poll() is None, "the pipeline process ended before stage 2 began"
+            assert time.monotonic() < deadline, "stage 2 never started"
+            time.sleep(0.02)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list(tmp_path.glob("2-stage1-*")) and not list(tmp_path.glob("3-stage2-*"))
+    config = _tiny().with_stage("stage2", epochs=40.0)
+    resumed = run_pipeline(config, tmp_path, log=None)
+    assert [s.built for s in resumed.stages] == [False, False, False, True]
+    assert (resumed.folder("stage2") / "model.safetensors").is_file()
