@@ -189,3 +189,27 @@ def plot_dpo_losses(beta: float, label_smoothing: float = 0.1, h_range: float = 
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_task_accuracy(tables: dict[str, dict[str, dict[str, float]]], title: str,
+                       key: str = "accuracy", ax=None):
+    """Grouped bars: one group per task type, one bar per named run. ``tables`` maps a run
+    name to :meth:`TaskScores.by_task` (task -> {"accuracy", "hallucination_rate", ...})."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 3.4))
+    else:
+        fig = ax.figure
+    names = list(tables)
+    tasks = list(next(iter(tables.values())))
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        offset = (k - (len(names) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(tasks))],
+               [tables[name].get(t, {}).get(key, float("nan")) for t in tasks], width, label=name)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"judged {key.replace('_', ' ')} (held-out)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
