@@ -1,0 +1,139 @@
+"""The chapter summary (section 3.5): the seed's table with this book's measured numbers.
+
+Each row of the seed's summary table (stage, goal, data, trained parameters) is paired with
+the chapters that measured it and the metric paths to read from their metrics files
+(``<run>/metrics/<chapter>.json``, written by every notebook). A chapter that has not been
+run shows as such, with the command that produces it: the summary never invents a number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Measure:
+    chapter: str
+    path: str            # "a/b/c" inside the chapter's metrics JSON
+    label: str
+    fmt: str = "{:.3f}"
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    stage: str           # the seed's name (and ours)
+    goal: str
+    data: str
+    trains: str
+    measures: tuple[Measure, ...]
+
+
+# the seed's summary table (总结), one more row for ITM and one for the whole pipeline
+SUMMARY_ROWS = (
+    SummaryRow("预训练-对比学习 / contrastive pre-training", "图文对齐 / align images and text",
+               "大规模图文对 / image-caption pairs", "双编码器 / both encoders",
+               (Measure("3.1.1", "initial_i2t_R@1", "held-out image→text R@1 before"),
+                Measure("3.1.1", "heldout_i2t_R@1", "held-out image→text R@1 after"))),
+    SummaryRow("预训练-匹配 / image-text matching", "细粒度对齐 / fine-grained alignment",
+               "图文对 + 难负例 / pairs + hard negatives", "融合编码器 / fused encoder + ITM head",
+               (Measure("3.1.2", "hard_negatives/fine_grained_accuracy",
+                        "one-fact-changed pairs told apart (hard negatives)"),
+                Measure("3.1.2", "random_negatives/fine_grained_accuracy",
+                        "the same (random negatives)"))),
+    SummaryRow("预训练-生成 / generative pre-training", "语言建模 / captioning",
+               "图文对 / image-caption pairs", "连接模块+LLM / projector + LM",
+               (Measure("3.1.3", "f1_before", "caption fact F1 before"),
+                Measure("3.1.3", "f1_after", "caption fact F1 after"))),
+    SummaryRow("指令微调 / instruction tuning", "遵循指令 / follow instructions",
+               "对话数据 / conversations", "连接模块+LLM / projector + LM",
+               (Measure("3.2", "stage1_mean_task_accuracy", "mean task accuracy after stage 1"),
+                Measure("3.2", "stage2_mean_task_accuracy", "mean task accuracy after stage 2"),
+                Measure("3.2", "stage2_hallucination_rate", "hallucination rate after stage 2"))),
+    SummaryRow("RLHF/DPO", "对齐偏好 / align with preferences", "偏好数据 / preference pairs",
+               "全模型/部分 / projector + LM",
+               (Measure("3.3.1", "rm_last_pair_accuracy", "reward model: held-out pair accuracy"),
+                Measure("3.3.3", "heldout/SFT (3.2)/hallucination_rate",
+                        "hallucination rate of the SFT model"),
+                Measure("3.3.2", "heldout/PPO/hallucination_rate", "after PPO"),
+                Measure("3.3.3", "heldout/DPO/hallucination_rate", "after DPO"),
+                Measure("3.3.3", "heldout/DPO/mean_task_accuracy",
+                        "mean task accuracy after DPO"))),
+    SummaryRow("完整流程 / the LLaVA-1.5 pipeline", "全部阶段 / every stage in one run",
+               "以上全部 / all of the above", "按阶段表 / as the stage table says",
+               (Measure("3.4", "stage2/mean_task_accuracy", "mean task accuracy after stage 2"),
+                Measure("3.4", "dpo/mean_task_accuracy", "after DPO"))),
+)
+
+
+def metric_at(metrics: dict, path: str):
+    """The value at ``a/b/c`` in nested metrics; ``KeyError`` naming the missing part."""
+    value = metrics
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"metric {path!r}: no {part!r}")
+        value = value[part]
+    return value
+
+
+def load_chapter_metrics(metrics_dir, chapters) -> dict[str, dict | None]:
+    """Each chapter's metrics (``None`` when its file is missing). A file that exists but
+    is not valid JSON is an error naming it: a summary must not silently drop a chapter."""
+    import json
+
+    out = {}
+    for chapter in chapters:
+        path = Path(metrics_dir) / f"{chapter}.json"
+        if not path.is_file():
+            out[chapter] = None
+            continue
+        try:
+            out[chapter] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); rerun chapter {chapter} to "
+                             "rewrite it") from exc
+    return out
+
+
+def summary_rows(metrics_dir, rows=SUMMARY_ROWS) -> list[dict]:
+    """One dict per measure: the seed's row, the label, the measured value (or ``None``) and
+    where it came from (or the command that would produce it)."""
+    chapters = sorted({m.chapter for row in rows for m in row.measures})
+    loaded = load_chapter_metrics(metrics_dir, chapters)
+    out = []
+    for row in rows:
+        for measure in row.measures:
+            metrics = loaded[measure.chapter]
+            value, source = None, f"not run: python -m companion book run {measure.chapter}"
+            if metrics is not None:
+                try:
+                    value = metric_at(metrics, measure.path)
+                    source = f"{measure.chapter}: {measure.path}"
+                except KeyError as exc:
+                    source = f"{measure.chapter}: missing ({exc.args[0]})"
+            out.append({"stage": row.stage, "goal": row.goal, "data": row.data,
+                        "trains": row.trains, "measure": measure.label, "value": value,
+                        "shown": measure.fmt.format(value) if isinstance(value, (int, float))
+                        else "—", "source": source})
+    return out
+
+
+def gpu_commands(book, profile: str = "gpu") -> list[dict]:
+    """For each chapter: the book command that runs it with ``profile``, the papermill
+    command that does the same by hand, and the parameters that take real checkpoints."""
+    out = []
+    prof = book.profile(profile)
+    for chapter in book.chapters:
+        params = prof.parameters_for(chapter.id)
+        checkpoints = [name for name in book.declared[chapter.id]
+                       if name.endswith("_checkpoint")]
+        flags = " ".join(f"-p {k} {v!r}" if isinstance(v, str) else f"-p {k} {v}"
+                         for k, v in params.items())
+        out.append({"chapter": chapter.id, "title": chapter.title,
+                    "book": f"python -m companion book run {chapter.id} --profile {profile}",
+                    "papermill": (f"papermill {Path(chapter.notebook).resolve().relative_to(Path(book.path).resolve().parent)} "
+                                  f"build/{profile}/notebooks/{chapter.notebook.name} "
+                                  f"--cwd notebooks -p output_dir ../build/{profile} "
+                                  f"{flags}").strip(),
+                    "checkpoints": checkpoints})
+    return out

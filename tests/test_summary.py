@@ -1,0 +1,54 @@
+"""The chapter summary (3.5): numbers come from metrics files or are shown as missing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from companion.book import load_book
+from companion.summary import SUMMARY_ROWS, gpu_commands, metric_at, summary_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_missing_chapters_show_a_dash_and_the_command(tmp_path):
+    rows = summary_rows(tmp_path)
+    assert len(rows) == sum(len(r.measures) for r in SUMMARY_ROWS)
+    assert all(r["value"] is None and r["shown"] == "—" for r in rows)
+    assert any("python -m companion book run 3.2" in r["source"] for r in rows)
+
+
+def test_values_are_read_from_the_files_and_a_missing_key_is_named(tmp_path):
+    (tmp_path / "3.2.json").write_text(json.dumps({"stage2_mean_task_accuracy": 0.4613}))
+    (tmp_path / "3.3.3.json").write_text(json.dumps({"heldout": {"DPO": {"hallucination_rate": 0.3}}}))
+    rows = {(r["stage"], r["measure"]): r for r in summary_rows(tmp_path)}
+    stage2 = next(r for k, r in rows.items() if k[1] == "mean task accuracy after stage 2"
+                  and "3.2" in r["source"])
+    assert stage2["value"] == 0.4613 and stage2["shown"] == "0.461"
+    stage1 = next(r for k, r in rows.items() if k[1] == "mean task accuracy after stage 1")
+    assert stage1["value"] is None and "missing" in stage1["source"]
+    dpo = next(r for k, r in rows.items() if k[1] == "after DPO" and "3.3.3" in r["source"])
+    assert dpo["value"] == 0.3
+
+
+def test_a_corrupted_metrics_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "3.1.1.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"3\.1\.1\.json: not valid JSON"):
+        summary_rows(tmp_path)
+
+
+def test_metric_at_names_the_missing_part():
+    assert metric_at({"a": {"b": 2}}, "a/b") == 2
+    with pytest.raises(KeyError, match="'c'"):
+        metric_at({"a": {"b": 2}}, "a/c")
+
+
+def test_gpu_guide_lists_every_chapter_with_its_real_checkpoint_parameters():
+    book = load_book(ROOT / "book.toml")
+    guide = {g["chapter"]: g for g in gpu_commands(book)}
+    assert list(guide) == [c.id for c in book.chapters]
+    assert guide["3.2"]["checkpoints"] == ["vlm_checkpoint", "lm_checkpoint"]
+    assert guide["3.1.1"]["checkpoints"] == ["clip_checkpoint"]
+    assert guide["3.2"]["book"] == "python -m companion book run 3.2 --profile gpu"
+    assert "-p device 'cuda'" in guide["3.2"]["papermill"]
+    assert "-p output_dir ../build/gpu" in guide["3.2"]["papermill"]
