@@ -29,3 +29,16 @@ if [ ! -f "$stamp" ]; then
     python -m pip install --quiet -e "$root[$extra]"
     touch "$stamp"
 fi
+# The browser tests need Debian's Chromium and its driver; install them where we can.
+if [ "$extra" = test ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian's chromium and chromium-driver for the browser tests"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1; then
+            echo "warning: could not install chromium; the browser tests will be skipped" >&2
+        fi
+    else
+        echo "note: no chromium found; the browser tests will be skipped (install the" \
+             "Debian packages chromium and chromium-driver, or your system's equivalent)" >&2
+    fi
+fi
