@@ -440,7 +440,8 @@ x, y = torch.randn(1000, 64, generator=g), torch.randn(1000, 64, generator=g)
 plain_value = info_nce_loss(x, y, 0.07).item()
 tiled_value = tiled_info_nce_loss(x, y, 0.07, tile_size=128).item()
 print(f"plain {plain_value:.6f}, tiled {tiled_value:.6f} (N = 1000, tiles of 128 rows)")
-#
+
+# %% [markdown]
 # ## Summary
 #
 # Measured in this run (the numbers above, also written to the metrics file):
