@@ -193,3 +193,40 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
         stage1_lr=p["stage1_lr"], stage2_steps=p["stage2_steps"], stage2_lr=p["stage2_lr"],
         batch_size=p["batch_size"])
     assert recipes["3.3.1"].sft == sft, "3.3.x would not find the model 3.2 publishes"
+
+
+@pytest.mark.notebook
+def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp_path):
+    """A CLIP, a causal LM and a LLaVA model saved here load through the same parameters a
+    hub id uses (clip_checkpoint, lm_checkpoint, vlm_checkpoint), and the chapters run on
+    them through papermill."""
+    from companion.models import build_clip
+    from companion.tokenizer import world_tokenizer
+    from companion.vlm import build_lm, build_vlm, save_vlm
+
+    tokenizer = world_tokenizer(tmp_path / "tokenizer", n_scenes=200, log=None)
+    clip, processor, _ = build_clip(tokenizer, seed=1)
+    lm, _ = build_lm(tokenizer, seed=1)
+    folders = {name: tmp_path / name for name in ("clip", "lm", "vlm")}
+    for model, folder in ((clip, folders["clip"]), (lm, folders["lm"])):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folders["clip"])
+    save_vlm(folders["vlm"], build_vlm(clip, lm, tokenizer, seed=1), processor, tokenizer)
+
+    book = load_book(ROOT / "book.toml")
+    book.build_dir = tmp_path / "build"
+    book.cache_dir = tmp_path / "cache"
+    runs = [("3.1.1", {"clip_checkpoint": str(folders["clip"])}, "heldout_i2t_R@1"),
+            ("3.2", {"vlm_checkpoint": str(folders["vlm"])}, "stage2_mean_task_accuracy"),
+            ("3.2", {"lm_checkpoint": str(folders["lm"])}, "stage2_mean_task_accuracy")]
+    for chapter_id, overrides, key in runs:
+        result = run_chapters(book, [chapter_id], "smoke", overrides, progress=False,
+                              log=lambda *_: None)[0]
+        executed = nbformat.read(result.output_notebook, as_version=4)
+        injected = next(c for c in executed.cells
+                        if "injected-parameters" in c.metadata.get("tags", []))
+        name, value = next(iter(overrides.items()))
+        assert f"{name} = {value!r}" in injected.source.replace('"', "'")
+        metrics = json.loads(result.metrics_file.read_text())
+        assert math.isfinite(metrics[key]), (chapter_id, overrides)
