@@ -237,7 +237,7 @@ def compare(trick, name, note=""):
 
 pipeline_upto_stage2 = config.upto("stage2")  # the arms stop at stage 2
 print(f"control: stage 1 {s1.steps} steps, stage 2 {s2.steps} steps on {s2.examples} records; "
-      f"answers correct {paired_difference(control, control)['control']:.3f}, mean task accuracy "
+      f"answers correct {control.accuracy():.3f}, mean task accuracy "
       f"{control.mean_task_accuracy():.3f}")
 
 # %% [markdown]
@@ -374,8 +374,8 @@ if run_tricks:
 if run_tricks:
     print(f"{'trick':>24} {'arm':>28} {'correct':>8} {'change':>15} {'hallucinating':>14} "
           f"{'change':>15}  verdict")
-    print(f"{'(control)':>24} {'pipeline stage 2':>28} {paired_difference(control, control)['control']:>8.3f} "
-          f"{'':>15} {paired_difference(control, control, 'hallucinated')['control']:>14.3f}")
+    print(f"{'(control)':>24} {'pipeline stage 2':>28} {control.accuracy():>8.3f} "
+          f"{'':>15} {control.hallucination_rate():>14.3f}")
     for row in trick_rows:
         print(f"{row['trick']:>24} {row['arm']:>28} {row['accuracy']:>8.3f} "
               f"{row['accuracy_change']:>+8.3f} ± {row['accuracy_se']:.3f} {row['hallucination']:>14.3f} "
