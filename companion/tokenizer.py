@@ -9,6 +9,13 @@ Conversation layout (one line per turn)::
 
     <|user|>\\n<image>\\nHow many circles are there?<|end|>\\n
     <|assistant|>\\n[There is one circle.<|end|>]\\n      <- [...] is the assistant mask
+
+A checkpoint's own tokenizer keeps its own chat template. Most real templates have no
+``{% generation %}`` blocks; :func:`encode_chat` then finds each assistant reply by rendering
+the conversation up to that reply (with the generation prompt) and up to its end, and takes
+the tokens in between, cut after the reply's end-of-turn token. A tokenizer with no template
+at all gets LLaVA-1.5's own conversation format (:data:`LLAVA_V1_TEMPLATE`), and
+:func:`prepare_tokenizer` adds the ``<image>`` token and a pad token where they are missing.
 """
 
 from __future__ import annotations
@@ -45,6 +52,33 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+# LLaVA-1.5's conversation format ("vicuna_v1"): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."
+# for tokenizers that bring no template. The reply starts with the space after "ASSISTANT:",
+# so the generation prompt ends at the colon and the prompt is a prefix of the full text.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's "
+                   "questions.")
+LLAVA_V1_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\n' -%}"
+    "{%- else -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}{{ \"" + LLAVA_V1_SYSTEM + " \" }}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ content + ' ' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + content + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + content + eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + '; expected user, assistant or system') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
 
@@ -123,20 +157,122 @@ def to_chat_messages(conversations: list[dict]) -> list[dict]:
     return messages
 
 
+def has_generation_markers(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks assistant text with ``{% generation %}``."""
+    import re
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one is used
+        template = template.get("default", "")
+    return bool(template) and re.search(r"{%-?\s*generation\s*-?%}", template) is not None
+
+
+def prepare_tokenizer(tokenizer) -> int:
+    """Make any checkpoint's tokenizer usable for LLaVA training, in place.
+
+    Adds ``<image>`` as a special token when it is missing, uses eos as the pad token when
+    there is none, and gives a tokenizer without a chat template LLaVA-1.5's format
+    (:data:`LLAVA_V1_TEMPLATE`). Returns how many tokens were added: the caller must grow the
+    model's embeddings to ``len(tokenizer)`` (:func:`companion.vlm.fit_embeddings`).
+    """
+    from tokenizers import AddedToken
+
+    added = 0
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        added += tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)],
+                                      special_tokens=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; give it a pad "
+                             "token (tokenizer.pad_token = ...) before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no chat template and no eos token to end a "
+                             "reply; set tokenizer.chat_template (with {% generation %} blocks)")
+        tokenizer.chat_template = LLAVA_V1_TEMPLATE
+    return added
+
+
+def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=add_generation_prompt
+                                              )["input_ids"])
+
+
+def _control_ids(tokenizer) -> set[int]:
+    """Special and added tokens: the kind of token a template ends a turn with."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    return ids
+
+
+def reply_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
+    """``(start, end)`` token positions of the assistant message ``messages[index]`` in the
+    rendering of ``messages[:index + 1]``, found without ``{% generation %}`` markers.
+
+    Start: the length of ``messages[:index]`` rendered with the generation prompt. End: just
+    after the reply's first special or added token (its end-of-turn token), or the end of
+    the turn's text when it writes none. Raises a clear error when the generation prompt is
+    not a prefix of the rendered reply (the positions would not line up).
+    """
+    if messages[index]["role"] != "assistant":
+        raise ValueError(f"messages[{index}] is a {messages[index]['role']!r} turn, not an "
+                         "assistant reply")
+    before = _render_ids(tokenizer, messages[:index], add_generation_prompt=True) if index else []
+    through = _render_ids(tokenizer, messages[:index + 1])
+    if through[:len(before)] != before:
+        raise ValueError(
+            f"the tokenizer's chat template does not render turn {index} as a continuation of "
+            "the turns before it (the generation prompt is not a prefix of the full text), so "
+            "the assistant tokens cannot be found; give the tokenizer a template with "
+            "{% generation %} blocks (tokenizer.chat_template = ...)")
+    controls = _control_ids(tokenizer)
+    end = len(through)
+    for position in range(len(before) + 1, len(through)):
+        if through[position] in controls:
+            end = position + 1
+            break
+    return len(before), end
+
+
 def encode_chat(tokenizer, conversations: list[dict]) -> dict:
     """Token ids and assistant mask of a LLaVA conversation through the chat template.
 
     Returns ``{"input_ids": list[int], "assistant_mask": list[int]}`` where the mask is 1
-    exactly on assistant reply tokens and their end-of-turn token.
+    exactly on assistant reply tokens and their end-of-turn token. A template with
+    ``{% generation %}`` blocks says which tokens those are; for any other template they are
+    found turn by turn with :func:`reply_span`.
     """
-    encoded = tokenizer.apply_chat_template(
-        to_chat_messages(conversations),
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    return {"input_ids": list(encoded["input_ids"]),
-            "assistant_mask": list(encoded["assistant_masks"])}
+    messages = to_chat_messages(conversations)
+    if has_generation_markers(tokenizer):
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        return {"input_ids": list(encoded["input_ids"]),
+                "assistant_mask": list(encoded["assistant_masks"])}
+    ids = _render_ids(tokenizer, messages)
+    mask = [0] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = reply_span(tokenizer, messages, index)
+        if ids[:end] != _render_ids(tokenizer, messages[:index + 1])[:end]:
+            raise ValueError(
+                f"the tokenizer's chat template renders turn {index} differently once later "
+                "turns follow it, so the assistant tokens cannot be found; give the tokenizer "
+                "a template with {% generation %} blocks (tokenizer.chat_template = ...)")
+        mask[start:end] = [1] * (end - start)
+    return {"input_ids": ids, "assistant_mask": mask}
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The token the chat template ends an assistant reply with (the reply's first special or
+    added token), or None when the template writes none."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Yes"}]
+    start, end = reply_span(tokenizer, messages, 1)
+    last = _render_ids(tokenizer, messages)[end - 1]
+    return last if end - start > 1 and last in _control_ids(tokenizer) else None
 
 
 def world_corpus(n_scenes: int = 2000, seed: int = 12345) -> list[str]:

@@ -45,8 +45,13 @@ def build_lm(tokenizer=None, checkpoint: str | None = None, sizes: TinyLMConfig 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if checkpoint:
+        from companion.tokenizer import prepare_tokenizer
+
         model = AutoModelForCausalLM.from_pretrained(checkpoint)
-        return model, tokenizer or AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(checkpoint)
+        prepare_tokenizer(tokenizer)  # <image>, a pad token and a chat template if missing
+        fit_embeddings(model, tokenizer)
+        return model, tokenizer
     if tokenizer is None:
         raise ValueError("build_lm needs a tokenizer when no checkpoint is given")
     sizes = sizes or TinyLMConfig()
@@ -65,15 +70,38 @@ def build_lm(tokenizer=None, checkpoint: str | None = None, sizes: TinyLMConfig 
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The token that ends an assistant reply: ``<|end|>`` for the world's tokenizer, else eos."""
-    from companion.tokenizer import END_OF_TURN
+    """The token that ends an assistant reply: ``<|end|>`` for the world's tokenizer, else
+    the token the chat template closes a reply with (``<|im_end|>``, ``<|eot_id|>``...),
+    else eos (LLaVA-1.5's ``</s>``)."""
+    from companion.tokenizer import END_OF_TURN, template_end_of_turn
 
     ids = tokenizer.convert_tokens_to_ids([END_OF_TURN])
     if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
         return int(ids[0])
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither <|end|> nor an eos token to end a reply")
-    return int(tokenizer.eos_token_id)
+    key = (id(tokenizer), str(tokenizer.chat_template), len(tokenizer))
+    if key not in _END_OF_TURN:
+        found = template_end_of_turn(tokenizer) if tokenizer.chat_template else None
+        if found is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer's chat template ends a reply with no special token "
+                             "and it has no eos token; set tokenizer.eos_token")
+        _END_OF_TURN[key] = int(found if found is not None else tokenizer.eos_token_id)
+    return _END_OF_TURN[key]
+
+
+_END_OF_TURN: dict = {}
+
+
+def fit_embeddings(model, tokenizer) -> int:
+    """Grow ``model``'s token embeddings (and output layer) to ``len(tokenizer)`` after
+    :func:`companion.tokenizer.prepare_tokenizer` added tokens; return how many rows were
+    added (new rows start at the mean of the old ones, as transformers does)."""
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= current:
+        return 0
+    model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return len(tokenizer) - current
 
 
 def image_token_id(tokenizer) -> int:
@@ -226,10 +254,18 @@ def load_vlm(checkpoint, device="cpu"):
     """``(model, image_processor, tokenizer)`` of a LLaVA checkpoint (hub id or folder)."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint).to(device)
+    from companion.tokenizer import prepare_tokenizer
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint)
     processor = AutoImageProcessor.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    return model, processor, tokenizer
+    prepare_tokenizer(tokenizer)  # a pad token and a chat template where the checkpoint has none
+    fit_embeddings(model, tokenizer)
+    if model.config.image_token_index != image_token_id(tokenizer):
+        raise ValueError(f"{checkpoint}: the model's image_token_index is "
+                         f"{model.config.image_token_index} but the tokenizer's <image> token is "
+                         f"{image_token_id(tokenizer)}; the tokenizer does not belong to the model")
+    return model.to(device), processor, tokenizer
 
 
 def save_vlm(folder, model, processor, tokenizer) -> None:
