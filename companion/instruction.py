@@ -427,6 +427,44 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
             "stage2": encode_records(records, tokenizer, processor, n_image_tokens, load_image)}
 
 
+def encode_file_data(records: Sequence[dict], image_folder, tokenizer, processor,
+                     n_image_tokens: int, stage1_records: Sequence[dict] | None = None
+                     ) -> dict[str, InstructionData]:
+    """The two stages' training sets from LLaVA JSON records whose images are files under
+    ``image_folder`` (as :func:`companion.data.llava.load_llava_json` returns them).
+
+    ``stage1_records`` is stage 1's own file (LLaVA's image-caption pairs); without one,
+    stage 1 takes the records whose ``task`` is ``description``, or all of them when no
+    record says. A text-only record (no ``image``) is reported in ``skipped`` and left out:
+    every conversation here feeds one image to the vision tower.
+    """
+    from companion.data.llava import open_image
+
+    def with_images(rows):
+        kept = [r for r in rows if r.get("image")]
+        dropped = [(str(r.get("id", i)), "text-only record (no image); left out")
+                   for i, r in enumerate(rows) if not r.get("image")]
+        if not kept:
+            raise ValueError(f"none of the {len(rows)} records has an image to train on")
+        return kept, dropped
+
+    def load_image(record):
+        return open_image(image_folder, record["image"], f"record {record.get('id')!r}")
+
+    stage2, dropped2 = with_images(records)
+    if stage1_records is None:
+        stage1_records = [r for r in stage2 if r.get("task") == "description"] or stage2
+    stage1, dropped1 = with_images(stage1_records)
+    data = {"stage1": encode_records(stage1, tokenizer, processor, n_image_tokens, load_image),
+            "stage2": encode_records(stage2, tokenizer, processor, n_image_tokens, load_image)}
+    data["stage1"].skipped.extend(dropped1)
+    data["stage2"].skipped.extend(dropped2)
+    if dropped2:
+        warnings.warn(f"{len(dropped2)} of {len(records)} records are text-only and were left "
+                      "out", stacklevel=2)
+    return data
+
+
 def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                 batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
                 log: Callable[[str], None] | None = print, parts: Sequence[str] | None = None,

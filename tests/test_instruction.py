@@ -324,3 +324,47 @@ def test_instruction_tuned_vlm_is_cached_and_equals_a_published_run(tmp_path):
     assert len(tokenizer) == len(run_tokenizer)
     with pytest.raises(ValueError, match="stage2_steps"):
         InstructionRecipe(stage2_steps=0)
+
+
+def test_a_llava_json_with_image_files_encodes_exactly_as_the_world_in_memory(tmp_path, tokenizer,
+                                                                                vlm):
+    """The real-file path (LLaVA JSON + image folder, as `train_json` / `image_folder` in 3.2)
+    gives the same tokens, labels and pixels as the in-memory world records it was written
+    from; text-only records are reported, and an unreadable image names its record."""
+    import json
+
+    from companion.data.llava import load_llava_json
+    from companion.instruction import encode_file_data, encode_stage_data
+    from companion.world import export_llava_dataset
+
+    _, processor = vlm
+    scenes = make_scenes(6, seed=4)
+    records = make_instruction_dataset(scenes, seed=4)
+    folder = export_llava_dataset(scenes, records, tmp_path / "data", image_size=16)
+    loaded = load_llava_json(folder / "data.json")
+    in_memory = encode_stage_data(records, {s.scene_id: s for s in scenes}, tokenizer, processor,
+                                  N_IMAGE, 16)
+    from_files = encode_file_data(loaded, folder, tokenizer, processor, N_IMAGE)
+    for stage in ("stage1", "stage2"):
+        assert from_files[stage].examples == in_memory[stage].examples, stage
+        assert torch.equal(from_files[stage].pixel_values, in_memory[stage].pixel_values), stage
+        assert from_files[stage].tasks == in_memory[stage].tasks
+    assert set(from_files["stage1"].tasks) == {"description"}
+
+    # a separate stage-1 file, a text-only record, an unreadable image
+    text_only = {"id": "chat", "conversations": [{"from": "human", "value": "Hello?"},
+                                                 {"from": "gpt", "value": "Hello."}]}
+    with pytest.warns(UserWarning, match="1 of .* records are text-only"):
+        data = encode_file_data(loaded + [text_only], folder, tokenizer, processor, N_IMAGE,
+                                stage1_records=loaded[:2])
+    assert len(data["stage1"]) == 2 and ("chat", "text-only record (no image); left out") in \
+        data["stage2"].skipped
+    (folder / loaded[0]["image"]).write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=rf"record {loaded[0]['id']!r}: image .* cannot be read"):
+        encode_file_data(loaded, folder, tokenizer, processor, N_IMAGE)
+    (folder / loaded[0]["image"]).unlink()
+    with pytest.raises(FileNotFoundError, match="relative to the image folder"):
+        encode_file_data(loaded, folder, tokenizer, processor, N_IMAGE)
+    with pytest.raises(ValueError, match="none of the 1 records has an image"):
+        encode_file_data([text_only], folder, tokenizer, processor, N_IMAGE)
+    assert json.loads((folder / "data.json").read_text())[0]["id"] == loaded[0]["id"]

@@ -248,3 +248,21 @@ def save_llava_json(records, path, *, image_folder=None, check_images: bool = Fa
             os.unlink(temporary)
         raise
     return path
+
+
+def open_image(image_folder, relative: str, where: str = "record"):
+    """The RGB image at ``image_folder / relative`` (a record's ``"image"``, or a preference
+    record's ``images[0]``), with an error naming the record and the file if it cannot be
+    read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(image_folder) / relative
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image {path} not found; image paths are relative to "
+                                "the image folder (pass image_folder=...)") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{where}: image {path} cannot be read as an image ({error}); "
+                         "replace the file or drop the record") from None
