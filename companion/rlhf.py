@@ -43,6 +43,8 @@ class RLHFRecipe:
     ppo_batch_size: int = 64
     ppo_lr: float = 5e-5
     ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
+    sft_checkpoint: str = ""        # a LLaVA checkpoint (hub id or folder) as policy and
+                                    # reference instead of 3.2's model (then ``sft`` is unused)
 
     def __post_init__(self):
         if self.scenes < 5:
@@ -53,13 +55,34 @@ class RLHFRecipe:
             raise ValueError(f"noise={self.noise} must be in [0, 1]")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if not self.sft_checkpoint:  # keys of the world's own runs stay as they were
+            del values["sft_checkpoint"]
+        return values
+
+
+def _sft_config(recipe: RLHFRecipe) -> dict:
+    """What decides the starting model: 3.2's recipe, or the checkpoint named instead (by its
+    name: a local folder rewritten in place keeps its key, so give a new one a new name)."""
+    return {"checkpoint": recipe.sft_checkpoint} if recipe.sft_checkpoint else recipe.sft.to_dict()
+
+
+def sft_model(cache_dir, recipe: RLHFRecipe, device="cpu", log=print):
+    """The section's starting point ``(model, processor, tokenizer)``: the checkpoint that
+    ``recipe.sft_checkpoint`` names, or 3.2's instruction-tuned model (cached or trained)."""
+    from companion.instruction import instruction_tuned_vlm
+    from companion.vlm import load_vlm
+
+    if recipe.sft_checkpoint:
+        model, processor, tokenizer = load_vlm(recipe.sft_checkpoint, device=device)
+        return model.eval(), processor, tokenizer
+    return instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
 
 
 def _data_config(recipe: RLHFRecipe) -> dict:
     keys = ("seed", "scenes", "samples", "temperature", "max_new_tokens", "pairs", "noise",
             "hallucination_penalty")
-    return {"kind": "rlhf-preferences", "procedure": 1, "sft": recipe.sft.to_dict(),
+    return {"kind": "rlhf-preferences", "procedure": 1, "sft": _sft_config(recipe),
             **{k: getattr(recipe, k) for k in keys}}
 
 
@@ -106,13 +129,12 @@ def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu"
                        log=print) -> list[dict]:
     """The labelled preference records of ``recipe`` (cached as JSON, TRL field names)."""
     from companion.artifacts import cached_artifact
-    from companion.instruction import instruction_tuned_vlm
     from companion.preference import load_preferences, save_preferences
 
     recipe = recipe or RLHFRecipe()
 
     def build(folder):
-        model, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+        model, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
         save_preferences(folder / "preferences.json",
                          make_preferences(recipe, model, tokenizer, processor))
 
@@ -162,11 +184,10 @@ def _rm_config(recipe: RLHFRecipe) -> dict:
 def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
     """``(reward_model, history_steps)`` of ``recipe``: from the cache or trained now."""
     from companion.artifacts import cached_artifact
-    from companion.instruction import instruction_tuned_vlm
     from companion.preference import RewardModel
 
     recipe = recipe or RLHFRecipe()
-    sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+    sft, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
 
     def build(folder):
         records = preference_records(cache_dir, recipe, device, log)
@@ -231,7 +252,6 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
 def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
     """``(policy_vlm, history_steps)``: the PPO policy of ``recipe``, cached."""
     from companion.artifacts import cached_artifact
-    from companion.instruction import instruction_tuned_vlm
     from companion.vlm import load_vlm, save_vlm
 
     recipe = recipe or RLHFRecipe()
@@ -239,7 +259,7 @@ def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=pr
               "ppo": {k: v for k, v in recipe.to_dict().items() if k.startswith("ppo_")}}
 
     def build(folder):
-        sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device, log)
+        sft, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
         reward, _ = reward_model(cache_dir, recipe, device, log)
         policy, history = run_ppo(recipe, sft, reward, tokenizer, processor, device=device)
         save_vlm(folder, policy, processor, tokenizer)
@@ -321,6 +341,7 @@ _NOTEBOOK_PARAMETERS = {
     "ppo_batch_size": [("rlhf", "ppo_batch_size")],
     "ppo_lr": [("rlhf", "ppo_lr")],
     "ppo_kl_coef": [("rlhf", "ppo_kl_coef")],
+    "sft_checkpoint": [("rlhf", "sft_checkpoint")],
 }
 
 
