@@ -142,19 +142,34 @@ def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu"
     return load_preferences(folder / "preferences.json")
 
 
-def preference_data(records, split: str, tokenizer, processor, model, scenes_by_id):
-    """Encode the records of one split (``train`` or ``heldout``) for training or scoring."""
+def preference_data(records, split: str, tokenizer, processor, model, scenes_by_id=None,
+                    image_folder=None):
+    """Encode the records of one split (``train`` or ``heldout``) for training or scoring.
+
+    The images are the world's scenes rendered at the model's size (``scenes_by_id``), or,
+    with ``image_folder``, files: each record's ``images[0]`` under that folder (a preference
+    JSON of any origin). A record without a ``split`` counts as ``train``.
+    """
+    from companion.data.llava import open_image
     from companion.preference import encode_preferences
     from companion.vlm import image_seq_length
     from companion.world import render_scene
 
+    if scenes_by_id is None and image_folder is None:
+        raise ValueError("preference_data needs scenes_by_id (world records) or image_folder "
+                         "(records whose images are files)")
     size = model.config.vision_config.image_size
     chosen = [r for r in records if r.get("split", "train") == split]
     if not chosen:
         raise ValueError(f"no preference record in split {split!r}")
-    return encode_preferences(chosen, tokenizer, processor, image_seq_length(model),
-                              lambda r: render_scene(scenes_by_id[r["scene_id"]], size))
-
+    if image_folder is not None:
+        def load_image(record):
+            return open_image(image_folder, record["images"][0],
+                              f"preference record {record.get('id')!r}")
+    else:
+        def load_image(record):
+            return render_scene(scenes_by_id[record["scene_id"]], size)
+    return encode_preferences(chosen, tokenizer, processor, image_seq_length(model), load_image)
 
 def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int = 200,
                        lr: float = 3e-4, batch_size: int = 16, seed: int = 0, device="cpu",

@@ -360,3 +360,36 @@ def test_recipe_from_notebook_parameters_maps_every_name():
     assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
     assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
     assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
+
+
+def test_a_preference_json_with_image_files_encodes_as_the_world_records(world, tmp_path):
+    """The real-file path of DPO (preference_json + image_folder in 3.3.3): world preference
+    records saved as TRL JSON with their images as PNG files encode to the same tokens and
+    pixels as the same records rendered in memory; records without a split count as train."""
+    from companion.preference import load_preferences, save_preferences
+    from companion.rlhf import preference_data
+    from companion.world import scene_png_bytes
+
+    prompts = world["prompts"][:4]
+    replies = [["There is one circle.", "There are two squares.", "No."] for _ in prompts]
+    records = label_preferences(prompts, replies, world["scenes"], pairs="all")
+    assert records
+    (tmp_path / "images").mkdir()
+    for scene in world["scenes"].values():
+        (tmp_path / scene.image).write_bytes(scene_png_bytes(scene, 16))
+    save_preferences(tmp_path / "prefs.json", records)
+    loaded = load_preferences(tmp_path / "prefs.json")
+    model = _vlm(world)
+    args = (world["tokenizer"], world["processor"], model)
+    in_memory = preference_data(records, "train", *args, scenes_by_id=world["scenes"])
+    from_files = preference_data(loaded, "train", *args, image_folder=tmp_path)
+    assert from_files.chosen == in_memory.chosen and from_files.rejected == in_memory.rejected
+    assert torch.equal(from_files.pixel_values, in_memory.pixel_values)
+    assert all("split" not in r for r in loaded) and len(from_files) == len(records)
+    with pytest.raises(ValueError, match="needs scenes_by_id .* or image_folder"):
+        preference_data(loaded, "train", *args)
+    with pytest.raises(ValueError, match="no preference record in split 'heldout'"):
+        preference_data(loaded, "heldout", *args, image_folder=tmp_path)
+    (tmp_path / loaded[0]["images"][0]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"preference record {loaded[0]['id']!r}: image"):
+        preference_data(loaded, "train", *args, image_folder=tmp_path)
