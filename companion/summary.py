@@ -120,13 +120,16 @@ def summary_rows(metrics_dir, rows=SUMMARY_ROWS) -> list[dict]:
 
 def gpu_commands(book, profile: str = "gpu") -> list[dict]:
     """For each chapter: the book command that runs it with ``profile``, the papermill
-    command that does the same by hand, and the parameters that take real checkpoints."""
+    command that does the same by hand, and the parameters that take real checkpoints and
+    real data files."""
     out = []
     prof = book.profile(profile)
     for chapter in book.chapters:
         params = prof.parameters_for(chapter.id)
         checkpoints = [name for name in book.declared[chapter.id]
                        if name.endswith("_checkpoint")]
+        data_files = [name for name in book.declared[chapter.id]
+                      if name.endswith("_json") or name == "image_folder"]
         flags = " ".join(f"-p {k} {v!r}" if isinstance(v, str) else f"-p {k} {v}"
                          for k, v in params.items())
         out.append({"chapter": chapter.id, "title": chapter.title,
@@ -135,5 +138,5 @@ def gpu_commands(book, profile: str = "gpu") -> list[dict]:
                                   f"build/{profile}/notebooks/{chapter.notebook.name} "
                                   f"--cwd notebooks -p output_dir ../build/{profile} "
                                   f"{flags}").strip(),
-                    "checkpoints": checkpoints})
+                    "checkpoints": checkpoints, "data_files": data_files})
     return out

@@ -54,12 +54,17 @@ max_new_tokens = 48  # longest generated answer, in tokens
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
 vlm_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) to tune instead of assembling the tiny one
 lm_checkpoint = ""  # a causal LM checkpoint to use as the LLM instead of the text-pretrained tiny Llama
+clip_checkpoint = ""  # a CLIP checkpoint whose vision tower to use instead of 3.1.1's tiny CLIP
+train_json = ""  # a LLaVA-format JSON to train on (stage 2) instead of the world's records
+stage1_json = ""  # stage 1's own caption data (LLaVA JSON); default: train_json's description records
+image_folder = ""  # where the JSON files' image paths are resolved (default: train_json's folder)
 
 # %% [markdown]
 # ## Setup
 
 # %%
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -67,10 +72,12 @@ from IPython.display import HTML, display
 
 from companion.book import write_metrics
 from companion.clip import pixel_values_for, pretrained_clip
-from companion.data.llava import validate_llava_records
+from companion.data.llava import load_llava_json, validate_llava_records
 from companion.instruction import (IGNORE_INDEX, InstructionRecipe, build_example,
-                                   encode_stage_data, evaluate_tasks, generate_replies,
-                                   instruction_records, publish_instruction_tuned, train_stage)
+                                   encode_file_data, encode_stage_data, evaluate_tasks,
+                                   generate_replies, instruction_records,
+                                   publish_instruction_tuned, train_stage)
+from companion.models import build_clip
 from companion.plots import plot_curves, show_images
 from companion.runtime import setup
 from companion.stages import trainable_summary
@@ -118,6 +125,10 @@ recipe = InstructionRecipe(
     lm_steps=lm_steps, train_scenes=train_scenes, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
     stage2_steps=stage2_steps, stage2_lr=stage2_lr, batch_size=batch_size)
 scenes_by_id, records = instruction_records(recipe)
+if train_json:  # a LLaVA data set from files: validated, every image checked
+    image_folder = image_folder or str(Path(train_json).parent)
+    records = load_llava_json(train_json, image_folder)
+    print(f"training data: {len(records)} records from {train_json}")
 test_scene_list = make_scenes(test_scenes, seed=seed + 3, start_id=40_000_000)
 test_by_id = {s.scene_id: s for s in test_scene_list}
 test_records = make_instruction_dataset(test_scene_list, seed=seed + 3)
@@ -147,7 +158,10 @@ if vlm_checkpoint:
     vlm, processor, tokenizer = load_vlm(vlm_checkpoint, device=dev)
     lm_history = []
 else:
-    clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=dev, log=None)
+    if clip_checkpoint:
+        clip, processor, _ = build_clip(checkpoint=clip_checkpoint)
+    else:
+        clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=dev, log=None)
     if lm_checkpoint:
         lm, tokenizer = build_lm(checkpoint=lm_checkpoint)
         lm_history = []
@@ -202,14 +216,22 @@ print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry los
 # image-caption pairs; stage 2 uses every task type.
 
 # %%
-stage_data = encode_stage_data(records, scenes_by_id, tokenizer, processor, n_image_tokens,
-                               image_size)
+if train_json:
+    stage1_records = load_llava_json(stage1_json, image_folder) if stage1_json else None
+    stage_data = encode_file_data(records, image_folder, tokenizer, processor, n_image_tokens,
+                                  stage1_records)
+else:
+    stage_data = encode_stage_data(records, scenes_by_id, tokenizer, processor, n_image_tokens,
+                                   image_size)
 train_captions, train_all = stage_data["stage1"], stage_data["stage2"]
 test_pixels = pixel_values_for(processor, [render_scene(test_by_id[r["scene_id"]], image_size)
                                            for r in test_records])
 print(f"stage 1: {len(train_captions)} description records; stage 2: {len(train_all)} records "
       f"of {len(set(train_all.tasks))} task types; skipped (no assistant token): "
-      f"{len(train_all.skipped)}")
+      f"{sum('no image' not in why for _, why in train_all.skipped)}")
+if train_json:
+    print(f"from files: stage 1 {'from ' + stage1_json if stage1_json else 'as above'}; "
+          f"text-only records left out: {sum('no image' in why for _, why in train_all.skipped)}")
 
 
 seconds = {}
@@ -347,7 +369,8 @@ fig = show_images([render_scene(chat_scene, 160)], ["the held-out image of this 
 
 # %%
 write_metrics("3.2", metrics, output_dir)
-if not vlm_checkpoint and not lm_checkpoint:  # later sections (RLHF, DPO) start from this model
+world_run = not (vlm_checkpoint or lm_checkpoint or clip_checkpoint or train_json)
+if world_run:  # later sections (RLHF, DPO) start from this model
     publish_instruction_tuned(cache_dir, recipe, vlm, processor, tokenizer,
                               {"stage1": stage1, "stage2": stage2}, log=None)
 print(f"mean task accuracy: before {metrics['before_mean_task_accuracy']:.3f}, after stage 1 "

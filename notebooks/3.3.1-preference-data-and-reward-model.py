@@ -54,6 +54,7 @@ pairs = "all"  # "all" comparisons of a question's replies, or "best_worst" (one
 rm_steps = 200  # reward model optimiser steps
 rm_lr = 3e-4  # reward model peak learning rate
 noise_levels = [0.0, 0.2, 0.4]  # labeler noise (share of flipped choices) for the noise experiment
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
 
 # %% [markdown]
 # ## Setup
@@ -67,11 +68,10 @@ import torch
 
 from companion.book import write_metrics
 from companion.dpo import reference_logps
-from companion.instruction import instruction_tuned_vlm
 from companion.losses.preference import bradley_terry_loss, preference_probability
 from companion.preference import flip_preferences, score_pairs
 from companion.rlhf import (preference_data, preference_records, recipe_from_parameters,
-                            reward_model, rlhf_prompts, train_reward_model)
+                            reward_model, rlhf_prompts, sft_model, train_reward_model)
 from companion.runtime import setup
 
 %matplotlib inline
@@ -80,7 +80,7 @@ metrics = {}
 seconds = {}
 recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
 start = time.perf_counter()
-sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
+sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 seconds["3.2 model (loaded or trained)"] = time.perf_counter() - start
 pad = tokenizer.pad_token_id
 

@@ -62,6 +62,7 @@ ppo_batch_size = 64  # questions per rollout
 ppo_lr = 5e-5  # PPO learning rate (policy, value head)
 ppo_kl_coef = 0.1  # initial β of the KL penalty (adaptive, target 1 nat per answer)
 test_scenes = 60  # 3.2's held-out scenes, for the final evaluation
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
 
 # %% [markdown]
 # ## Setup: the policy, the reference, the reward model
@@ -73,13 +74,13 @@ import matplotlib.pyplot as plt
 import torch
 
 from companion.book import write_metrics
-from companion.instruction import instruction_tuned_vlm
 from companion.losses.ppo import gae, reward_with_kl, whiten
 from companion.ppo import (PolicyWithValueHead, reference_reply_logps, reply_logps_values,
                            rollout)
 from companion.preference import score_replies
-from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, recipe_from_parameters,
-                            reward_model, rlhf_prompts, run_ppo)
+from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy,
+                            recipe_from_parameters, reward_model, rlhf_prompts, run_ppo,
+                            sft_model)
 from companion.runtime import setup
 
 %matplotlib inline
@@ -88,7 +89,7 @@ metrics = {}
 seconds = {}
 recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
 start = time.perf_counter()
-sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
+sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 reward, _ = reward_model(cache_dir, recipe, device=dev, log=None)
 seconds["3.2 model and reward model (loaded or trained)"] = time.perf_counter() - start
 image_size = sft.config.vision_config.image_size

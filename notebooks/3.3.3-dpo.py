@@ -57,6 +57,9 @@ dpo_steps = 300  # DPO optimiser steps
 dpo_batch_size = 16  # preference pairs per step
 ipo_beta = 1.0  # β of the IPO run (its target margin is 1/(2β) in per-token log-ratio)
 test_scenes = 60  # 3.2's held-out scenes, for the final comparison
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train DPO and IPO on instead of 3.3.1's
+image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 
 # %% [markdown]
 # ## Setup
@@ -64,15 +67,17 @@ test_scenes = 60  # 3.2's held-out scenes, for the final comparison
 # %%
 import copy
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from companion.book import write_metrics
 from companion.dpo import DPOConfig, train_dpo
-from companion.instruction import instruction_tuned_vlm
 from companion.plots import plot_dpo_losses
+from companion.preference import load_preferences
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
-                            preference_records, recipe_from_parameters, reward_model, rlhf_prompts)
+                            preference_records, recipe_from_parameters, reward_model,
+                            rlhf_prompts, sft_model)
 from companion.runtime import setup
 from companion.stages import set_trainable
 from companion.widgets import dpo_beta_slider
@@ -83,13 +88,19 @@ metrics = {}
 seconds = {}
 recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
 start = time.perf_counter()
-sft, processor, tokenizer = instruction_tuned_vlm(cache_dir, recipe.sft, device=dev, log=None)
+sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 records = preference_records(cache_dir, recipe, device=dev, log=None)
 seconds["3.2 model and 3.3.1 data (loaded or made)"] = time.perf_counter() - start
 image_size = sft.config.vision_config.image_size
 scenes_by_id = rlhf_prompts(recipe, processor, image_size)[0]
-train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id)
-print(f"{len(train_data)} training pairs (3.3.1's, labelled by the judge)")
+if preference_json:  # pairs from a file: validated, images read from the image folder
+    image_folder = image_folder or str(Path(preference_json).parent)
+    train_data = preference_data(load_preferences(preference_json), "train", tokenizer,
+                                 processor, sft, image_folder=image_folder)
+    print(f"{len(train_data)} training pairs from {preference_json}")
+else:
+    train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id)
+    print(f"{len(train_data)} training pairs (3.3.1's, labelled by the judge)")
 
 # %% [markdown]
 # ## The loss and its variants

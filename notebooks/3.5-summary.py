@@ -125,7 +125,8 @@ if not tricks:
 # python -m companion book run 3.5 --profile gpu        # this summary of that run
 # ```
 #
-# The parameters that take real checkpoints, and the same run by hand with papermill:
+# The parameters that take real checkpoints and real data files, and the same run by hand
+# with papermill:
 
 # %%
 from companion.summary import gpu_commands
@@ -133,6 +134,8 @@ from companion.summary import gpu_commands
 for entry in gpu_commands(book):
     real = ", ".join(entry["checkpoints"]) or "(none: the world's own models)"
     print(f"{entry['chapter']:>6}  {entry['book']}\n        real checkpoints: {real}")
+    if entry["data_files"]:
+        print(f"        real data files: {', '.join(entry['data_files'])}")
 print("\nby hand, e.g.:", next(e for e in gpu_commands(book) if e["chapter"] == "3.2")["papermill"])
 
 # %% [markdown]

@@ -179,7 +179,7 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
     recipes = {c: recipe_from_parameters(_chapter_parameters(c, profile))
                for c in ("3.3.1", "3.3.2", "3.3.3")}
     shared = ("sft", "seed", "scenes", "samples", "max_new_tokens", "pairs", "noise",
-              "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size")
+              "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size", "sft_checkpoint")
     for chapter, recipe in recipes.items():
         for name in shared:
             assert getattr(recipe, name) == getattr(recipes["3.3.1"], name), (chapter, name)
@@ -198,11 +198,18 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
 @pytest.mark.notebook
 def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp_path):
     """A CLIP, a causal LM and a LLaVA model saved here load through the same parameters a
-    hub id uses (clip_checkpoint, lm_checkpoint, vlm_checkpoint), and the chapters run on
-    them through papermill."""
+    hub id uses (clip_checkpoint, lm_checkpoint, vlm_checkpoint, sft_checkpoint), and the
+    chapters run on them through papermill. One LM ships a tokenizer of its own (ChatML
+    template without generation blocks, no <image>, no pad), as real checkpoints do; and 3.2
+    trains from a LLaVA JSON and image folder on disk (train_json, stage1_json), 3.3.3 from a
+    preference JSON (preference_json)."""
+    from foreign_tokenizers import save_foreign_lm
+
     from companion.models import build_clip
     from companion.tokenizer import world_tokenizer
     from companion.vlm import build_lm, build_vlm, save_vlm
+    from companion.preference import label_preferences, preference_prompts, save_preferences
+    from companion.world import export_llava_dataset, make_instruction_dataset, make_scenes
 
     tokenizer = world_tokenizer(tmp_path / "tokenizer", n_scenes=200, log=None)
     clip, processor, _ = build_clip(tokenizer, seed=1)
@@ -213,13 +220,32 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
         tokenizer.save_pretrained(folder)
     processor.save_pretrained(folders["clip"])
     save_vlm(folders["vlm"], build_vlm(clip, lm, tokenizer, seed=1), processor, tokenizer)
+    save_foreign_lm(tmp_path / "chatml-lm")
+    scenes = make_scenes(30, seed=7, start_id=70_000_000)
+    records = make_instruction_dataset(scenes, seed=7)
+    data = export_llava_dataset(scenes, records, tmp_path / "data", image_size=48)
+    captions = [r for r in records if r["task"] == "description"][:10]
+    export_llava_dataset(scenes, captions, tmp_path / "captions", image_size=48)
+    prompts = preference_prompts(scenes[:8], seed=7)
+    pairs = label_preferences(prompts, [["There is one circle.", "No.", "a red square."]] *
+                              len(prompts), {s.scene_id: s for s in scenes}, pairs="all")
+    save_preferences(data / "preferences.json", pairs)  # images: data/images/*.png above
 
     book = load_book(ROOT / "book.toml")
     book.build_dir = tmp_path / "build"
     book.cache_dir = tmp_path / "cache"
     runs = [("3.1.1", {"clip_checkpoint": str(folders["clip"])}, "heldout_i2t_R@1"),
             ("3.2", {"vlm_checkpoint": str(folders["vlm"])}, "stage2_mean_task_accuracy"),
-            ("3.2", {"lm_checkpoint": str(folders["lm"])}, "stage2_mean_task_accuracy")]
+            ("3.2", {"lm_checkpoint": str(folders["lm"])}, "stage2_mean_task_accuracy"),
+            ("3.2", {"lm_checkpoint": str(tmp_path / "chatml-lm")}, "stage2_mean_task_accuracy"),
+            ("3.2", {"clip_checkpoint": str(folders["clip"])}, "stage2_mean_task_accuracy"),
+            ("3.2", {"train_json": str(data / "data.json"),
+                     "stage1_json": str(tmp_path / "captions" / "data.json")},
+             "stage2_mean_task_accuracy"),
+            ("3.3.1", {"sft_checkpoint": str(folders["vlm"])}, "rm_last_pair_accuracy"),
+            ("3.3.3", {"sft_checkpoint": str(folders["vlm"]),
+                       "preference_json": str(data / "preferences.json")},
+             "heldout/DPO/hallucination_rate")]
     for chapter_id, overrides, key in runs:
         result = run_chapters(book, [chapter_id], "smoke", overrides, progress=False,
                               log=lambda *_: None)[0]
@@ -228,5 +254,14 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
                         if "injected-parameters" in c.metadata.get("tags", []))
         name, value = next(iter(overrides.items()))
         assert f"{name} = {value!r}" in injected.source.replace('"', "'")
-        metrics = json.loads(result.metrics_file.read_text())
-        assert math.isfinite(metrics[key]), (chapter_id, overrides)
+        value = json.loads(result.metrics_file.read_text())
+        for part in key.split("/"):
+            value = value[part]
+        assert math.isfinite(value), (chapter_id, overrides)
+        outputs = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+        if "train_json" in overrides:
+            assert "training data: " in outputs and "stage 1 from " in outputs
+        if "preference_json" in overrides:
+            assert f"{len(pairs)} training pairs from " in outputs
+    # the runs on checkpoints never trained (nor published) the world's own instruction model
+    assert not list(book.cache_dir.glob("vlm-sft*")), "sft_checkpoint was not used"

@@ -47,7 +47,10 @@ def test_gpu_guide_lists_every_chapter_with_its_real_checkpoint_parameters():
     book = load_book(ROOT / "book.toml")
     guide = {g["chapter"]: g for g in gpu_commands(book)}
     assert list(guide) == [c.id for c in book.chapters]
-    assert guide["3.2"]["checkpoints"] == ["vlm_checkpoint", "lm_checkpoint"]
+    assert guide["3.2"]["checkpoints"] == ["vlm_checkpoint", "lm_checkpoint", "clip_checkpoint"]
+    assert guide["3.2"]["data_files"] == ["train_json", "stage1_json", "image_folder"]
+    for chapter in ("3.3.1", "3.3.2", "3.3.3"):
+        assert "sft_checkpoint" in guide[chapter]["checkpoints"], chapter
     assert guide["3.1.1"]["checkpoints"] == ["clip_checkpoint"]
     assert guide["3.2"]["book"] == "python -m companion book run 3.2 --profile gpu"
     assert "-p device 'cuda'" in guide["3.2"]["papermill"]
