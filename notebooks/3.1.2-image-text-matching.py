@@ -60,6 +60,7 @@ image_pool = 2  # average 2x2 neighbouring patches into one image token (36 -> 9
 rerank_k = 10  # how many contrastive candidates ITM re-scores per image
 rerank_itc_temperature = 0.015  # re-ranking score: ITM log-odds + cosine / this (CLIP's learned τ is about 0.015)
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
+clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of 3.1.1's, e.g. "openai/clip-vit-base-patch32"
 
 # %% [markdown]
 # ## Setup
@@ -80,7 +81,7 @@ from companion.losses.matching import ITMHead, sample_hard_negatives
 from companion.matching import (CHANGES, FusionConfig, ITMModel, caption_truth,
                                 evaluate_fine_grained, evaluate_itm, fine_grained_pairs,
                                 itm_batch, rerank, train_itm)
-from companion.models import clip_image_size, count_parameters
+from companion.models import build_clip, clip_image_size, count_parameters
 from companion.plots import plot_curves, show_images
 from companion.runtime import setup
 from companion.tokenizer import world_tokenizer
@@ -133,7 +134,11 @@ tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
 clip_recipe = ClipRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
                          train_scenes=clip_train_scenes, steps=clip_steps,
                          batch_size=clip_batch_size)
-clip, processor, tokenizer = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
+if clip_checkpoint:  # its own image processor and tokenizer come with it
+    clip, processor, tokenizer = build_clip(checkpoint=clip_checkpoint)
+    clip = clip.to(dev).eval()
+else:
+    clip, processor, tokenizer = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
 render_size = clip_image_size(clip)
 train_data = build_caption_data(make_scenes(train_scenes, seed=seed), tokenizer, processor,
                                 render_size=render_size)

@@ -45,6 +45,8 @@ batch_size = 32  # image-caption pairs per step
 max_new_tokens = 48  # longest generated caption, in tokens
 sample_temperature = 0.7  # temperature of the sampled captions shown beside the greedy ones
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
+clip_checkpoint = ""  # a CLIP checkpoint whose vision tower to use instead of 3.1.1's tiny CLIP
+lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) instead of the text-pretrained tiny Llama
 
 # %% [markdown]
 # ## Setup
@@ -61,12 +63,14 @@ from companion.clip import ClipRecipe, pixel_values_for, pretrained_clip
 from companion.evaluate import caption_quality
 from companion.losses.generation import (IGNORE_INDEX, caption_inputs, generate_captions,
                                          generation_loss)
+from companion.models import build_clip
 from companion.plots import plot_curves, show_images
 from companion.runtime import setup
 from companion.stages import apply_stage
 from companion.tokenizer import world_tokenizer
 from companion.train import TrainConfig, train
-from companion.vlm import LMRecipe, build_vlm, image_seq_length, image_token_id, pretrained_lm
+from companion.vlm import (LMRecipe, build_lm, build_vlm, image_seq_length, image_token_id,
+                           pretrained_lm)
 from companion.world import canonical_caption, make_scenes, render_scene
 
 %matplotlib inline
@@ -91,7 +95,10 @@ print(inspect.getsource(generation_loss))
 # would silently train the model to predict two tokens ahead.
 
 # %%
-tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
+if lm_checkpoint:  # the LM's own tokenizer, given an <image> token (embeddings grown to match)
+    lm, tokenizer = build_lm(checkpoint=lm_checkpoint)
+else:
+    tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
 image_id = image_token_id(tokenizer)
 example = caption_inputs(tokenizer, ["a small red circle at the top left."], 4, image_id)
 print(f"{'position':>8}  {'input token':<14} label")
@@ -112,10 +119,14 @@ print("(4 vision tokens here for brevity; the model below uses one per image pat
 clip_recipe = ClipRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
                          train_scenes=clip_train_scenes, steps=clip_steps,
                          batch_size=clip_batch_size)
-clip, processor, _ = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
-lm, _ = pretrained_lm(cache_dir, tokenizer, LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
-                                                     scenes=lm_scenes, steps=lm_steps),
-                      device=dev, log=None)
+if clip_checkpoint:
+    clip, processor, _ = build_clip(checkpoint=clip_checkpoint)
+else:
+    clip, processor, _ = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
+if not lm_checkpoint:
+    lm, _ = pretrained_lm(cache_dir, tokenizer, LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
+                                                         scenes=lm_scenes, steps=lm_steps),
+                          device=dev, log=None)
 vlm = build_vlm(clip, lm, tokenizer, seed=seed).to(dev)
 counts = apply_stage(vlm, "stage2")
 n_image = image_seq_length(vlm)

@@ -122,3 +122,19 @@ def test_caption_quality_scores_facts_and_hallucinations():
     assert empty["recall"] == 0.0 and empty["exact"] == 0.0
     with pytest.raises(ValueError, match="6 scenes but 5 captions"):
         caption_quality(scenes, [""] * 5)
+
+
+def test_a_tokenizer_without_bos_starts_the_caption_after_the_vision_tokens():
+    from foreign_tokenizers import foreign_tokenizer
+
+    from companion.tokenizer import prepare_tokenizer
+    from companion.vlm import image_token_id
+
+    tokenizer = foreign_tokenizer()
+    prepare_tokenizer(tokenizer)
+    assert tokenizer.bos_token_id is None
+    out = caption_inputs(tokenizer, ["a red circle."], 3, image_token_id(tokenizer))
+    text = tokenizer("a red circle.", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][0].tolist() == [image_token_id(tokenizer)] * 3 + text + [
+        tokenizer.eos_token_id]
+    assert out["labels"][0].tolist() == [-100] * 3 + text + [tokenizer.eos_token_id]

@@ -235,6 +235,9 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
     book.build_dir = tmp_path / "build"
     book.cache_dir = tmp_path / "cache"
     runs = [("3.1.1", {"clip_checkpoint": str(folders["clip"])}, "heldout_i2t_R@1"),
+            ("3.1.2", {"clip_checkpoint": str(folders["clip"])}, "hard_minus_random_fine_grained"),
+            ("3.1.3", {"clip_checkpoint": str(folders["clip"]),
+                       "lm_checkpoint": str(tmp_path / "chatml-lm")}, "f1_after"),
             ("3.2", {"vlm_checkpoint": str(folders["vlm"])}, "stage2_mean_task_accuracy"),
             ("3.2", {"lm_checkpoint": str(folders["lm"])}, "stage2_mean_task_accuracy"),
             ("3.2", {"lm_checkpoint": str(tmp_path / "chatml-lm")}, "stage2_mean_task_accuracy"),

@@ -20,16 +20,22 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _caption_start(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, image_id: int,
                    max_length: int = 128) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` for ``[image] <s> caption </s>``.
 
     Right-padded; labels equal the ids on caption tokens and the closing ``</s>``, -100
     everywhere else. A caption that would not fit in ``max_length`` raises an error naming
-    it (the vision tokens are never cut).
+    it (the vision tokens are never cut). A tokenizer without a bos token (many
+    checkpoints' have none) starts the caption right after the vision tokens.
     """
-    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("caption_inputs needs a tokenizer with bos and eos tokens")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("caption_inputs needs a tokenizer with an eos token to end a caption")
+    start = _caption_start(tokenizer)
     if not captions:
         raise ValueError("caption_inputs got no captions")
     from companion.instruction import pad_examples
@@ -39,11 +45,11 @@ def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, imag
         text = tokenizer(caption, add_special_tokens=False)["input_ids"]
         if not text:
             raise ValueError(f"caption {index} ({caption!r}) encodes to no tokens: nothing to learn")
-        ids = [image_id] * n_image_tokens + [tokenizer.bos_token_id] + text + [tokenizer.eos_token_id]
+        ids = [image_id] * n_image_tokens + start + text + [tokenizer.eos_token_id]
         if len(ids) > max_length:
             raise ValueError(f"caption {index} needs {len(ids)} tokens with the {n_image_tokens} "
                              f"vision tokens, more than max_length={max_length}")
-        labels = [IGNORE_INDEX] * (n_image_tokens + 1) + text + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * (n_image_tokens + len(start)) + text + [tokenizer.eos_token_id]
         examples.append({"input_ids": ids, "labels": labels})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pad_examples(examples, pad)
@@ -79,7 +85,7 @@ def generate_captions(model, tokenizer, images: torch.Tensor, n_image_tokens: in
         raise ValueError(f"temperature={temperature} must be positive when sampling")
     model.eval()
     device = next(model.parameters()).device
-    prompt = torch.tensor([[image_id] * n_image_tokens + [tokenizer.bos_token_id]] * len(images))
+    prompt = torch.tensor([[image_id] * n_image_tokens + _caption_start(tokenizer)] * len(images))
     if seed is not None:
         torch.manual_seed(seed)
     output = model.generate(
