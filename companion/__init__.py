@@ -46,6 +46,8 @@ _EXPORTS = {
     "iter_turns": "companion.data.llava",
     # tokenizer (companion/tokenizer.py)
     "train_tokenizer": "companion.tokenizer",
+    "prepare_tokenizer": "companion.tokenizer",
+    "encode_chat": "companion.tokenizer",
     # contrastive losses (companion/losses/contrastive.py, tiled.py)
     "info_nce_loss": "companion.losses.contrastive",
     "siglip_loss": "companion.losses.contrastive",
@@ -76,6 +78,11 @@ _EXPORTS = {
     "apply_stage": "companion.stages",
     "InstructionRecipe": "companion.instruction",
     "instruction_tuned_vlm": "companion.instruction",
+    "encode_file_data": "companion.instruction",
+    # LoRA, optional (companion/lora.py; needs peft)
+    "add_lora": "companion.lora",
+    "merge_lora": "companion.lora",
+    "LoraSettings": "companion.lora",
     # RLHF and DPO (companion/losses/preference.py, losses/ppo.py, preference.py, ppo.py, dpo.py)
     "bradley_terry_loss": "companion.losses.preference",
     "dpo_loss": "companion.losses.preference",

@@ -41,16 +41,24 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, int]:
-    """Make exactly the parameters of ``parts`` trainable; return trainable counts per part."""
+    """Make exactly the parameters of ``parts`` trainable; return trainable counts per part.
+
+    A part that carries LoRA adapters (:func:`companion.lora.add_lora`) trains its adapters
+    only: its base weights stay frozen, which is the point of LoRA.
+    """
+    from companion.lora import LORA_MARKER
+
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}; choose from {sorted(PARTS)}")
+    named = [(name, part_of(name), parameter) for name, parameter in model.named_parameters()]
+    adapted = {part for name, part, _ in named if LORA_MARKER in name}
     counts = {part: 0 for part in PARTS}
-    for name, parameter in model.named_parameters():
-        part = part_of(name)
-        parameter.requires_grad_(part in parts)
-        if part in parts:
+    for name, part, parameter in named:
+        train = part in parts and (part not in adapted or LORA_MARKER in name)
+        parameter.requires_grad_(train)
+        if train:
             counts[part] += parameter.numel()
     return counts
 
