@@ -58,6 +58,7 @@ clip_checkpoint = ""  # a CLIP checkpoint whose vision tower to use instead of 3
 train_json = ""  # a LLaVA-format JSON to train on (stage 2) instead of the world's records
 stage1_json = ""  # stage 1's own caption data (LLaVA JSON); default: train_json's description records
 image_folder = ""  # where the JSON files' image paths are resolved (default: train_json's folder)
+lora_rank = 0  # 0: stage 2 tunes the LM's weights; > 0: LoRA adapters of this rank instead (needs peft)
 
 # %% [markdown]
 # ## Setup
@@ -77,6 +78,7 @@ from companion.instruction import (IGNORE_INDEX, InstructionRecipe, build_exampl
                                    encode_file_data, encode_stage_data, evaluate_tasks,
                                    generate_replies, instruction_records,
                                    publish_instruction_tuned, train_stage)
+from companion.lora import LoraSettings, add_lora, merge_lora
 from companion.models import build_clip
 from companion.plots import plot_curves, show_images
 from companion.runtime import setup
@@ -283,10 +285,17 @@ after1 = score("stage1")
 # ## Stage 2: instruction tuning (projector and LM)
 #
 # Stage 2 keeps the vision encoder frozen and trains the projector and the LM on the
-# instruction data (LLaVA-1.5: 665K conversations) of every task type.
+# instruction data (LLaVA-1.5: 665K conversations) of every task type. (For an LLM too large
+# to tune in full, `lora_rank > 0` trains low-rank adapters on its linear layers instead and
+# folds them into the weights afterwards: `companion.lora`. LLaVA-1.5 publishes such a LoRA
+# variant, rank 128.)
 
 # %%
+if lora_rank:  # adapters on the LM's linear layers learn; its own weights stay frozen
+    adapter_count = add_lora(vlm, LoraSettings(rank=lora_rank, alpha=2 * lora_rank))
+    print(f"LoRA rank {lora_rank}: {adapter_count / 1e6:.3f} M adapter parameters")
 stage2 = run_stage("stage2", train_all, stage2_steps, stage2_lr)
+merge_lora(vlm)  # adapters folded into the weights: a plain LLaVA again (nothing to do without)
 after2 = score("stage2")
 
 # %% [markdown]
@@ -369,7 +378,7 @@ fig = show_images([render_scene(chat_scene, 160)], ["the held-out image of this 
 
 # %%
 write_metrics("3.2", metrics, output_dir)
-world_run = not (vlm_checkpoint or lm_checkpoint or clip_checkpoint or train_json)
+world_run = not (vlm_checkpoint or lm_checkpoint or clip_checkpoint or train_json or lora_rank)
 if world_run:  # later sections (RLHF, DPO) start from this model
     publish_instruction_tuned(cache_dir, recipe, vlm, processor, tokenizer,
                               {"stage1": stage1, "stage2": stage2}, log=None)

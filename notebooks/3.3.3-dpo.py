@@ -60,6 +60,7 @@ test_scenes = 60  # 3.2's held-out scenes, for the final comparison
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
 preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train DPO and IPO on instead of 3.3.1's
 image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
+lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of this rank instead (needs peft)
 
 # %% [markdown]
 # ## Setup
@@ -73,6 +74,7 @@ import matplotlib.pyplot as plt
 
 from companion.book import write_metrics
 from companion.dpo import DPOConfig, train_dpo
+from companion.lora import LoraSettings, add_lora, merge_lora
 from companion.plots import plot_dpo_losses
 from companion.preference import load_preferences
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
@@ -140,12 +142,15 @@ plt.show()
 # %%
 def dpo_run(loss_type, beta):
     policy = copy.deepcopy(sft)
+    if lora_rank:  # only adapters learn in the LM (the reference stays the untouched SFT)
+        add_lora(policy, LoraSettings(rank=lora_rank, alpha=2 * lora_rank))
     set_trainable(policy, ("projector", "lm"))  # vision frozen, as in stage 2
     config = DPOConfig(beta=beta, loss_type=loss_type, steps=dpo_steps, lr=dpo_lr,
                        batch_size=dpo_batch_size, seed=seed)
     start = time.perf_counter()
     history = train_dpo(policy, sft, train_data, tokenizer.pad_token_id, config, device=dev)
     seconds[f"{loss_type} training"] = time.perf_counter() - start
+    merge_lora(policy)  # a plain model again (nothing to do without LoRA)
     return policy, history
 
 
