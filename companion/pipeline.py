@@ -142,6 +142,8 @@ class PipelineConfig:
     sft_scenes: int = 3000
     preference_scenes: int = 400
     stages: tuple[Stage, ...] = CPU_STAGES
+    clip_checkpoint: str = ""   # a CLIP (hub id or folder) is the vision stage: loaded, not trained
+    lm_checkpoint: str = ""     # a causal LM is the lm stage, and its tokenizer the pipeline's
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
@@ -177,7 +179,11 @@ class PipelineConfig:
         return replace(self, stages=tuple(s for s in self.stages if s.name != name))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        for name in ("clip_checkpoint", "lm_checkpoint"):
+            if not values[name]:  # the world's own runs keep the keys they always had
+                del values[name]
+        return values
 
     def key_for(self, index: int) -> dict:
         """What decides the artifact of stage ``index``: the world and stages 0..index."""
@@ -187,7 +193,7 @@ class PipelineConfig:
 
 
 _WORLD_PARAMETERS = ("seed", "tokenizer_scenes", "clip_scenes", "lm_scenes", "sft_scenes",
-                     "preference_scenes")
+                     "preference_scenes", "clip_checkpoint", "lm_checkpoint")
 _STAGE_PARAMETERS = {"lr": "lr", "batch_size": "batch_size", "epochs": "epochs",
                      "warmup_fraction": "warmup_fraction", "beta": "beta"}
 
@@ -261,6 +267,12 @@ def _history_file(folder: Path, steps: list[dict]) -> None:
 def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
     from companion.clip import ClipRecipe, pretrain_clip, save_clip_run
 
+    if config.clip_checkpoint:  # a pretrained CLIP is the stage: saved as it is, 0 steps
+        from companion.models import build_clip
+
+        for part in build_clip(checkpoint=config.clip_checkpoint):
+            part.save_pretrained(folder)
+        return 0, 0
     steps = stage.steps(config.clip_scenes)
     recipe = ClipRecipe(seed=config.seed, tokenizer_scenes=config.tokenizer_scenes,
                         train_scenes=config.clip_scenes, batch_size=stage.batch_size,
@@ -271,8 +283,12 @@ def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict)
 
 
 def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    from companion.vlm import LMRecipe, pretrain_lm
+    from companion.vlm import LMRecipe, build_lm, pretrain_lm
 
+    if config.lm_checkpoint:  # a pretrained LLM is the stage; its tokenizer gains <image>
+        for part in build_lm(checkpoint=config.lm_checkpoint):
+            part.save_pretrained(folder)
+        return 0, 0
     steps = stage.steps(config.lm_scenes)
     recipe = LMRecipe(seed=config.seed, tokenizer_scenes=config.tokenizer_scenes,
                       scenes=config.lm_scenes, steps=steps, batch_size=stage.batch_size,
@@ -374,7 +390,8 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
     def load_vlm_for(name: str):
         """The VLM a stage starts from: assembled from vision + lm for stage 1, else the
         previous stage's artifact."""
-        from transformers import AutoImageProcessor, CLIPModel, LlamaForCausalLM
+        from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
+                                  CLIPModel)
 
         from companion.vlm import build_vlm, load_vlm
 
@@ -382,9 +399,11 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
         if previous == "lm":  # the first LLaVA stage: assemble CLIP + projector + LM
             clip = CLIPModel.from_pretrained(result.folder("vision"))
             processor = AutoImageProcessor.from_pretrained(result.folder("vision"))
-            lm = LlamaForCausalLM.from_pretrained(result.folder("lm"))
-            return (build_vlm(clip, lm, ctx["tokenizer"], seed=config.seed).to(device),
-                    processor, ctx["tokenizer"])
+            lm = AutoModelForCausalLM.from_pretrained(result.folder("lm"))
+            tokenizer = (AutoTokenizer.from_pretrained(result.folder("lm"))
+                         if config.lm_checkpoint else ctx["tokenizer"])
+            return (build_vlm(clip, lm, tokenizer, seed=config.seed).to(device),
+                    processor, tokenizer)
         model, processor, tokenizer = load_vlm(result.folder(previous), device=device)
         return model, processor, tokenizer
 
@@ -404,7 +423,10 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
         done = json.loads((folder / "stage.json").read_text())
         result.stages.append(StageResult(stage.name, folder, bool(steps), seconds,
                                          done["steps"], done["examples"]))
-        if log:
+        checkpoint = {"vision": config.clip_checkpoint, "lm": config.lm_checkpoint}.get(stage.name)
+        if log and checkpoint:
+            log(f"{stage.name:>7}: the checkpoint {checkpoint} ({seconds:.0f} s, not trained)")
+        elif log:
             log(f"{stage.name:>7}: {'trained' if steps else 'loaded'} ({seconds:.0f} s, "
                 f"{done['steps']} steps on {done['examples']} examples)")
     return result

@@ -77,6 +77,8 @@ clean_fraction = 0.25  # trick 4: the small clean set keeps this fraction of the
 noisy_fraction = 0.5  # trick 4: the large set shows the wrong image in this fraction of records
 retrieval_scenes = 300  # held-out scenes for CLIP retrieval with a tuned vision tower (trick 2)
 max_new_tokens = 48  # longest generated answer, in tokens
+clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) as the vision stage: loaded, not trained
+lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) as the lm stage: loaded, not trained
 
 # %% [markdown]
 # ## Setup: the stage table
@@ -88,7 +90,7 @@ max_new_tokens = 48  # longest generated answer, in tokens
 import time
 
 import matplotlib.pyplot as plt
-from transformers import CLIPModel
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from companion.book import write_metrics
 from companion.clip import build_caption_data
@@ -281,10 +283,11 @@ if run_tricks:
 
 # %%
 if run_tricks:
-    clip = CLIPModel.from_pretrained(result.folder("vision")).to(dev)
-    _, processor, tokenizer = load_vlm(result.folder("stage2"))
-    retrieval_data = build_caption_data(
-        make_scenes(retrieval_scenes, seed=seed + 5, start_id=45_000_000), tokenizer, processor,
+    clip = CLIPModel.from_pretrained(result.folder("vision")).to(dev)  # with CLIP's own
+    retrieval_data = build_caption_data(                                 # tokenizer and processor
+        make_scenes(retrieval_scenes, seed=seed + 5, start_id=45_000_000),
+        AutoTokenizer.from_pretrained(result.folder("vision")),
+        AutoImageProcessor.from_pretrained(result.folder("vision")),
         render_size=clip.config.vision_config.image_size)
     frozen, _, _ = load_vlm(result.folder("stage2"), device=dev)
     alignment = {"frozen (control)": (vision_alignment(clip, frozen, retrieval_data)["i2t_R@1"],

@@ -241,14 +241,17 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
             ("3.2", {"vlm_checkpoint": str(folders["vlm"])}, "stage2_mean_task_accuracy"),
             ("3.2", {"lm_checkpoint": str(folders["lm"])}, "stage2_mean_task_accuracy"),
             ("3.2", {"lm_checkpoint": str(tmp_path / "chatml-lm")}, "stage2_mean_task_accuracy"),
-            ("3.2", {"clip_checkpoint": str(folders["clip"])}, "stage2_mean_task_accuracy"),
+            ("3.2", {"clip_checkpoint": str(folders["clip"]), "lora_rank": 4},
+             "stage2_mean_task_accuracy"),
             ("3.2", {"train_json": str(data / "data.json"),
                      "stage1_json": str(tmp_path / "captions" / "data.json")},
              "stage2_mean_task_accuracy"),
             ("3.3.1", {"sft_checkpoint": str(folders["vlm"])}, "rm_last_pair_accuracy"),
             ("3.3.3", {"sft_checkpoint": str(folders["vlm"]),
-                       "preference_json": str(data / "preferences.json")},
-             "heldout/DPO/hallucination_rate")]
+                       "preference_json": str(data / "preferences.json"), "lora_rank": 4},
+             "heldout/DPO/hallucination_rate"),
+            ("3.4", {"clip_checkpoint": str(folders["clip"]),
+                     "lm_checkpoint": str(tmp_path / "chatml-lm")}, "stage2/mean_task_accuracy")]
     for chapter_id, overrides, key in runs:
         result = run_chapters(book, [chapter_id], "smoke", overrides, progress=False,
                               log=lambda *_: None)[0]
@@ -266,5 +269,9 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
             assert "training data: " in outputs and "stage 1 from " in outputs
         if "preference_json" in overrides:
             assert f"{len(pairs)} training pairs from " in outputs
+        if chapter_id == "3.4":
+            assert "vision: the checkpoint" in outputs and "lm: the checkpoint" in outputs
+        if chapter_id == "3.2" and overrides.get("lora_rank"):
+            assert "LoRA rank 4: " in outputs
     # the runs on checkpoints never trained (nor published) the world's own instruction model
     assert not list(book.cache_dir.glob("vlm-sft*")), "sft_checkpoint was not used"

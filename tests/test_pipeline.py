@@ -183,3 +183,37 @@ def test_a_run_killed_mid_stage_resumes_at_that_stage(tmp_path):
     resumed = run_pipeline(config, tmp_path, log=None)
     assert [s.built for s in resumed.stages] == [False, False, False, True]
     assert (resumed.folder("stage2") / "model.safetensors").is_file()
+
+
+def test_checkpoints_stand_in_for_the_vision_and_lm_stages(tmp_path):
+    """clip_checkpoint / lm_checkpoint: the pipeline starts from pretrained models, as LLaVA
+    does. Neither stage trains; the LM's own tokenizer (ChatML, no <image>) becomes the
+    pipeline's, and the world run's keys do not change."""
+    from foreign_tokenizers import save_foreign_lm
+    from transformers import AutoTokenizer
+
+    from companion.models import build_clip
+    from companion.pipeline import PipelineConfig, run_pipeline
+    from companion.tokenizer import world_tokenizer
+    from companion.vlm import load_vlm
+
+    tokenizer = world_tokenizer(tmp_path / "tok", n_scenes=200, log=None)
+    for part in build_clip(tokenizer, seed=1):
+        part.save_pretrained(tmp_path / "clip")
+    save_foreign_lm(tmp_path / "lm")
+    from dataclasses import replace
+
+    world = _tiny(("vision", "lm", "stage1"))
+    config = replace(world, clip_checkpoint=str(tmp_path / "clip"),
+                     lm_checkpoint=str(tmp_path / "lm"))
+    assert "clip_checkpoint" not in world.to_dict() and world.key_for(0) != config.key_for(0)
+    lines = []
+    result = run_pipeline(config, tmp_path / "run", log=lines.append)
+    assert [(s.name, s.steps) for s in result.stages][:2] == [("vision", 0), ("lm", 0)]
+    assert "the checkpoint" in lines[0] and "not trained" in lines[1]
+    assert result.stage("stage1").steps > 0
+    model, _, loaded = load_vlm(result.folder("stage1"))
+    assert loaded.convert_ids_to_tokens(model.config.image_token_index) == "<image>"
+    assert "<|im_start|>" in loaded.chat_template
+    original = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    assert len(loaded) == len(original) + 1  # + <image>
