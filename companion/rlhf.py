@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,8 @@ class RLHFRecipe:
     ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
     sft_checkpoint: str = ""        # a LLaVA checkpoint (hub id or folder) as policy and
                                     # reference instead of 3.2's model (then ``sft`` is unused)
+    preference_json: str = ""       # a preference JSON (TRL fields) instead of sampled pairs
+    image_folder: str = ""          # where its image paths are resolved (default: its folder)
 
     def __post_init__(self):
         if self.scenes < 5:
@@ -56,9 +59,18 @@ class RLHFRecipe:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        if not self.sft_checkpoint:  # keys of the world's own runs stay as they were
-            del values["sft_checkpoint"]
+        for name in ("sft_checkpoint", "preference_json", "image_folder"):
+            if not values[name]:  # keys of the world's own runs stay as they were
+                del values[name]
         return values
+
+    @property
+    def image_root(self) -> Path | None:
+        """The folder the preference file's images are read from (None: the world's own
+        pairs, whose images are rendered)."""
+        if not self.preference_json:
+            return None
+        return Path(self.image_folder) if self.image_folder else Path(self.preference_json).parent
 
 
 def _sft_config(recipe: RLHFRecipe) -> dict:
@@ -80,6 +92,17 @@ def sft_model(cache_dir, recipe: RLHFRecipe, device="cpu", log=print):
 
 
 def _data_config(recipe: RLHFRecipe) -> dict:
+    if recipe.preference_json:  # a file: keyed by its content, so an edited file is new data
+        import hashlib
+
+        path = Path(recipe.preference_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"preference_json={str(path)!r}: no such file; pass a TRL-"
+                                    "style JSON list (prompt, chosen, rejected, images)")
+        return {"kind": "rlhf-preferences-file", "procedure": 1, "sft": _sft_config(recipe),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "image_folder": str(recipe.image_root.resolve()), "seed": recipe.seed,
+                "heldout_fraction": recipe.heldout_fraction}
     keys = ("seed", "scenes", "samples", "temperature", "max_new_tokens", "pairs", "noise",
             "hallucination_penalty")
     return {"kind": "rlhf-preferences", "procedure": 1, "sft": _sft_config(recipe),
@@ -127,11 +150,15 @@ def make_preferences(recipe: RLHFRecipe, model, tokenizer, processor) -> list[di
 
 def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu",
                        log=print) -> list[dict]:
-    """The labelled preference records of ``recipe`` (cached as JSON, TRL field names)."""
+    """The labelled preference records of ``recipe`` (cached as JSON, TRL field names), or
+    the records of ``recipe.preference_json`` with their splits (:func:`split_preferences`)."""
     from companion.artifacts import cached_artifact
     from companion.preference import load_preferences, save_preferences
 
     recipe = recipe or RLHFRecipe()
+    if recipe.preference_json:
+        return split_preferences(load_preferences(recipe.preference_json),
+                                 recipe.heldout_fraction, recipe.seed)
 
     def build(folder):
         model, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
@@ -140,6 +167,24 @@ def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu"
 
     folder = cached_artifact(cache_dir, "rlhf-preferences", _data_config(recipe), build, log=log)
     return load_preferences(folder / "preferences.json")
+
+
+def split_preferences(records: list[dict], heldout_fraction: float, seed: int = 0) -> list[dict]:
+    """Copies of ``records`` where each one without a ``split`` gets ``train`` or ``heldout``:
+    a ``heldout_fraction`` of the distinct (prompt, image) questions, drawn with ``seed``, is
+    held out, so no question is in both splits. A given ``split`` must be one of the two."""
+    import random
+
+    for index, record in enumerate(records):
+        if record.get("split", "train") not in ("train", "heldout"):
+            raise ValueError(f"preference record {index} ({record.get('id')!r}): split "
+                             f"{record['split']!r}; expected 'train' or 'heldout'")
+    questions = sorted({(r["prompt"], r["images"][0]) for r in records if "split" not in r})
+    random.Random(seed).shuffle(questions)
+    held = set(questions[:round(heldout_fraction * len(questions))])
+    return [r if "split" in r else
+            {**r, "split": "heldout" if (r["prompt"], r["images"][0]) in held else "train"}
+            for r in records]
 
 
 def preference_data(records, split: str, tokenizer, processor, model, scenes_by_id=None,
@@ -207,7 +252,8 @@ def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=
     def build(folder):
         records = preference_records(cache_dir, recipe, device, log)
         by_id = rlhf_prompts(recipe, processor, sft.config.vision_config.image_size)[0]
-        data = preference_data(records, "train", tokenizer, processor, sft, by_id)
+        data = preference_data(records, "train", tokenizer, processor, sft, by_id,
+                               image_folder=recipe.image_root)
         model, history = train_reward_model(
             sft, data, tokenizer.pad_token_id, recipe.rm_pooling, recipe.rm_steps,
             recipe.rm_lr, recipe.rm_batch_size, recipe.seed, device)
@@ -357,6 +403,8 @@ _NOTEBOOK_PARAMETERS = {
     "ppo_lr": [("rlhf", "ppo_lr")],
     "ppo_kl_coef": [("rlhf", "ppo_kl_coef")],
     "sft_checkpoint": [("rlhf", "sft_checkpoint")],
+    "preference_json": [("rlhf", "preference_json")],
+    "image_folder": [("rlhf", "image_folder")],
 }
 
 

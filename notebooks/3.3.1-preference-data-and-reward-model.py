@@ -55,6 +55,8 @@ rm_steps = 200  # reward model optimiser steps
 rm_lr = 3e-4  # reward model peak learning rate
 noise_levels = [0.0, 0.2, 0.4]  # labeler noise (share of flipped choices) for the noise experiment
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of sampling and labelling pairs here
+image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 
 # %% [markdown]
 # ## Setup
@@ -103,25 +105,35 @@ scenes_by_id = rlhf_prompts(recipe, processor, sft.config.vision_config.image_si
 train_records = [r for r in records if r["split"] == "train"]
 heldout_records = [r for r in records if r["split"] == "heldout"]
 print(f"{len(train_records)} training pairs, {len(heldout_records)} held-out pairs "
-      f"from {preference_scenes} scenes")
+      + (f"from {preference_json}" if preference_json else f"from {preference_scenes} scenes"))
+
+
+def utility(record, side):  # the judge's utility; a file's pairs may carry none
+    value = record.get(f"{side}_utility")
+    return f"({value:+.2f})" if value is not None else "(unjudged)"
+
+
 for record in records[:5]:
-    print(f"\n[{record['task']}] {record['prompt'].replace(chr(10), ' ')}\n"
-          f"  chosen   ({record['chosen_utility']:+.2f}): {record['chosen']}\n"
-          f"  rejected ({record['rejected_utility']:+.2f}): {record['rejected']}")
+    print(f"\n[{record.get('task', 'pair')}] {record['prompt'].replace(chr(10), ' ')}\n"
+          f"  chosen   {utility(record, 'chosen')}: {record['chosen']}\n"
+          f"  rejected {utility(record, 'rejected')}: {record['rejected']}")
 
 # %%
-chosen_h = np.mean([r["chosen_hallucinated"] for r in records])
-rejected_h = np.mean([r["rejected_hallucinated"] for r in records])
 metrics["pairs_train"], metrics["pairs_heldout"] = len(train_records), len(heldout_records)
-metrics["chosen_hallucination_rate"] = float(chosen_h)
-metrics["rejected_hallucination_rate"] = float(rejected_h)
-tasks = sorted({r["task"] for r in records})
-fig, ax = plt.subplots(figsize=(7, 3))
-ax.bar(tasks, [sum(r["task"] == t for r in records) for t in tasks])
-ax.set_ylabel("pairs")
-ax.set_title(f"Preference pairs per task; hallucinating replies: chosen {chosen_h:.2f}, "
-             f"rejected {rejected_h:.2f}")
-plt.show()
+if all("chosen_hallucinated" in r and "task" in r for r in records):
+    chosen_h = np.mean([r["chosen_hallucinated"] for r in records])
+    rejected_h = np.mean([r["rejected_hallucinated"] for r in records])
+    metrics["chosen_hallucination_rate"] = float(chosen_h)
+    metrics["rejected_hallucination_rate"] = float(rejected_h)
+    tasks = sorted({r["task"] for r in records})
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(tasks, [sum(r["task"] == t for r in records) for t in tasks])
+    ax.set_ylabel("pairs")
+    ax.set_title(f"Preference pairs per task; hallucinating replies: chosen {chosen_h:.2f}, "
+                 f"rejected {rejected_h:.2f}")
+    plt.show()
+else:
+    print("these pairs carry no judge's labels (task, hallucination): nothing to chart here")
 
 # %% [markdown]
 # What the labeler mostly rewards is visible in the last line: a rejected reply hallucinates
@@ -162,8 +174,10 @@ plt.show()
 # 3.2 model's own log-likelihood of each reply (no training at all).
 
 # %%
-train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id)
-heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id)
+train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id,
+                             image_folder=recipe.image_root)  # files, when preference_json
+heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id,
+                               image_folder=recipe.image_root)
 
 
 def heldout_accuracy(model):
@@ -247,7 +261,7 @@ for noise in noise_levels:
         noise_accuracy[noise] = accuracy
         continue
     noisy = preference_data(flip_preferences(records, noise, seed=seed), "train", tokenizer,
-                            processor, sft, scenes_by_id)
+                            processor, sft, scenes_by_id, image_folder=recipe.image_root)
     model, _ = train_reward_model(sft, noisy, pad, recipe.rm_pooling, rm_steps, rm_lr,
                                   seed=seed, device=dev)
     noise_accuracy[noise] = heldout_accuracy(model)[0]

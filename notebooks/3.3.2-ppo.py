@@ -63,6 +63,8 @@ ppo_lr = 5e-5  # PPO learning rate (policy, value head)
 ppo_kl_coef = 0.1  # initial β of the KL penalty (adaptive, target 1 nat per answer)
 test_scenes = 60  # 3.2's held-out scenes, for the final evaluation
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train the reward model on instead of 3.3.1's pairs
+image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 
 # %% [markdown]
 # ## Setup: the policy, the reference, the reward model

@@ -58,7 +58,7 @@ dpo_batch_size = 16  # preference pairs per step
 ipo_beta = 1.0  # β of the IPO run (its target margin is 1/(2β) in per-token log-ratio)
 test_scenes = 60  # 3.2's held-out scenes, for the final comparison
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
-preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train DPO and IPO on instead of 3.3.1's
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of 3.3.1's judge-labelled pairs
 image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of this rank instead (needs peft)
 
@@ -68,7 +68,6 @@ lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of thi
 # %%
 import copy
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 
@@ -76,7 +75,6 @@ from companion.book import write_metrics
 from companion.dpo import DPOConfig, train_dpo
 from companion.lora import LoraSettings, add_lora, merge_lora
 from companion.plots import plot_dpo_losses
-from companion.preference import load_preferences
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
                             preference_records, recipe_from_parameters, reward_model,
                             rlhf_prompts, sft_model)
@@ -95,14 +93,10 @@ records = preference_records(cache_dir, recipe, device=dev, log=None)
 seconds["3.2 model and 3.3.1 data (loaded or made)"] = time.perf_counter() - start
 image_size = sft.config.vision_config.image_size
 scenes_by_id = rlhf_prompts(recipe, processor, image_size)[0]
-if preference_json:  # pairs from a file: validated, images read from the image folder
-    image_folder = image_folder or str(Path(preference_json).parent)
-    train_data = preference_data(load_preferences(preference_json), "train", tokenizer,
-                                 processor, sft, image_folder=image_folder)
-    print(f"{len(train_data)} training pairs from {preference_json}")
-else:
-    train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id)
-    print(f"{len(train_data)} training pairs (3.3.1's, labelled by the judge)")
+train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id,
+                             image_folder=recipe.image_root)  # files, when preference_json
+print(f"{len(train_data)} training pairs " + (f"from {preference_json}" if preference_json else
+                                              "(3.3.1's, labelled by the judge)"))
 
 # %% [markdown]
 # ## The loss and its variants

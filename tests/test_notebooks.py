@@ -179,7 +179,8 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
     recipes = {c: recipe_from_parameters(_chapter_parameters(c, profile))
                for c in ("3.3.1", "3.3.2", "3.3.3")}
     shared = ("sft", "seed", "scenes", "samples", "max_new_tokens", "pairs", "noise",
-              "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size", "sft_checkpoint")
+              "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size", "sft_checkpoint",
+              "preference_json", "image_folder")
     for chapter, recipe in recipes.items():
         for name in shared:
             assert getattr(recipe, name) == getattr(recipes["3.3.1"], name), (chapter, name)
@@ -209,6 +210,7 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
     from companion.tokenizer import world_tokenizer
     from companion.vlm import build_lm, build_vlm, save_vlm
     from companion.preference import label_preferences, preference_prompts, save_preferences
+    from companion.rlhf import split_preferences
     from companion.world import export_llava_dataset, make_instruction_dataset, make_scenes
 
     tokenizer = world_tokenizer(tmp_path / "tokenizer", n_scenes=200, log=None)
@@ -246,7 +248,9 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
             ("3.2", {"train_json": str(data / "data.json"),
                      "stage1_json": str(tmp_path / "captions" / "data.json")},
              "stage2_mean_task_accuracy"),
-            ("3.3.1", {"sft_checkpoint": str(folders["vlm"])}, "rm_last_pair_accuracy"),
+            ("3.3.1", {"sft_checkpoint": str(folders["vlm"]),
+                       "preference_json": str(data / "preferences.json")},
+             "rm_last_pair_accuracy"),
             ("3.3.3", {"sft_checkpoint": str(folders["vlm"]),
                        "preference_json": str(data / "preferences.json"), "lora_rank": 4},
              "heldout/DPO/hallucination_rate"),
@@ -268,7 +272,9 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
         if "train_json" in overrides:
             assert "training data: " in outputs and "stage 1 from " in outputs
         if "preference_json" in overrides:
-            assert f"{len(pairs)} training pairs from " in outputs
+            n_train = sum(r["split"] == "train" for r in split_preferences(pairs, 0.2))
+            assert (f"{n_train} training pairs, {len(pairs) - n_train} held-out pairs from "
+                    if chapter_id == "3.3.1" else f"{n_train} training pairs from ") in outputs
         if chapter_id == "3.4":
             assert "vision: the checkpoint" in outputs and "lm: the checkpoint" in outputs
         if chapter_id == "3.2" and overrides.get("lora_rank"):

@@ -393,3 +393,34 @@ def test_a_preference_json_with_image_files_encodes_as_the_world_records(world, 
     (tmp_path / loaded[0]["images"][0]).unlink()
     with pytest.raises(FileNotFoundError, match=rf"preference record {loaded[0]['id']!r}: image"):
         preference_data(loaded, "train", *args, image_folder=tmp_path)
+
+
+def test_a_preference_file_is_split_by_question_and_keyed_by_its_content(tmp_path):
+    from companion.preference import save_preferences
+    from companion.rlhf import _data_config, preference_records, split_preferences
+
+    records = [_record(id=f"r{i}", prompt=f"<image>\nQuestion {i // 3}?",
+                       images=[f"images/{i // 3}.png"]) for i in range(30)]
+    split = split_preferences(records, 0.2, seed=1)
+    held = {r["prompt"] for r in split if r["split"] == "heldout"}
+    assert len(held) == 2  # 20% of the 10 questions
+    assert not held & {r["prompt"] for r in split if r["split"] == "train"}
+    assert split_preferences(records, 0.2, seed=1) == split and "split" not in records[0]
+    given = [{**records[0], "split": "heldout"}] + records[1:]
+    assert split_preferences(given, 0.0)[0]["split"] == "heldout"
+    with pytest.raises(ValueError, match=r"record 0 \('r0'\): split 'test'"):
+        split_preferences([{**records[0], "split": "test"}], 0.2)
+
+    path = tmp_path / "prefs.json"
+    save_preferences(path, records)
+    recipe = RLHFRecipe(preference_json=str(path))
+    assert recipe.image_root == tmp_path and "image_folder" not in recipe.to_dict()
+    assert "preference_json" not in RLHFRecipe().to_dict()
+    loaded = preference_records(tmp_path / "cache", recipe)
+    assert loaded == split_preferences(records, recipe.heldout_fraction, recipe.seed)
+    assert not (tmp_path / "cache").exists()  # a file is read, never sampled or cached
+    key = _data_config(recipe)
+    save_preferences(path, records[:-1])
+    assert _data_config(recipe)["sha256"] != key["sha256"]
+    with pytest.raises(FileNotFoundError, match="preference_json='.*missing.json': no such"):
+        _data_config(RLHFRecipe(preference_json=str(tmp_path / "missing.json")))
