@@ -32,15 +32,22 @@ USER, ASSISTANT, SYSTEM, END_OF_TURN = "<|user|>", "<|assistant|>", "<|system|>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE_TOKEN, USER, ASSISTANT, SYSTEM, END_OF_TURN]
 
 # Message content may be a string (LLaVA JSON: "<image>\n..." inline) or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts (the transformers processor style).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+# {"type": "image"} / {"type": "text", "text": ...} parts (the transformers processor style);
+# both templates below first turn it into the string ``content``.
+_CONTENT = (
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
     "{%- else -%}{%- set content = namespace(text='') -%}"
     "{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\n' -%}"
     "{%- else -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+)
+_UNKNOWN_ROLE = (
+    "{{ raise_exception('unknown role ' + message['role'] + '; expected user, assistant or system') }}"
+)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + _CONTENT +
     "{%- if message['role'] == 'user' -%}"
     "{{ '<|user|>\n' + content + '<|end|>\n' }}"
     "{%- elif message['role'] == 'system' -%}"
@@ -48,7 +55,7 @@ CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ '<|assistant|>\n' }}{% generation %}{{ content + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
     "{%- else -%}"
-    "{{ raise_exception('unknown role ' + message['role'] + '; expected user, assistant or system') }}"
+    + _UNKNOWN_ROLE +
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
@@ -63,19 +70,14 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
                    "questions.")
 LLAVA_V1_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\n' -%}"
-    "{%- else -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+    + _CONTENT +
     "{%- if loop.first and message['role'] != 'system' -%}{{ \"" + LLAVA_V1_SYSTEM + " \" }}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{ content + ' ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + content + ' ' }}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + content + eos_token }}{% endgeneration %}"
     "{%- else -%}"
-    "{{ raise_exception('unknown role ' + message['role'] + '; expected user, assistant or system') }}"
+    + _UNKNOWN_ROLE +
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
