@@ -210,15 +210,11 @@ def _control_ids(tokenizer) -> set[int]:
     return ids
 
 
-def reply_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
-    """``(start, end)`` token positions of the assistant message ``messages[index]`` in the
-    rendering of ``messages[:index + 1]``, found without ``{% generation %}`` markers.
-
-    Start: the length of ``messages[:index]`` rendered with the generation prompt. End: just
-    after the reply's first special or added token (its end-of-turn token), or the end of
-    the turn's text when it writes none. Raises a clear error when the generation prompt is
-    not a prefix of the rendered reply (the positions would not line up).
-    """
+def _reply_tokens(tokenizer, messages: list[dict], index: int) -> tuple[int, list[int]]:
+    """``(start, ids)``: ``ids`` renders ``messages[:index + 1]``; the assistant message
+    ``messages[index]`` begins at ``start``, the length of ``messages[:index]`` rendered with
+    the generation prompt. Raises a clear error when that prompt is not a prefix of the
+    rendered reply (the positions would not line up)."""
     if messages[index]["role"] != "assistant":
         raise ValueError(f"messages[{index}] is a {messages[index]['role']!r} turn, not an "
                          "assistant reply")
@@ -230,13 +226,33 @@ def reply_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
             "the turns before it (the generation prompt is not a prefix of the full text), so "
             "the assistant tokens cannot be found; give the tokenizer a template with "
             "{% generation %} blocks (tokenizer.chat_template = ...)")
-    controls = _control_ids(tokenizer)
-    end = len(through)
-    for position in range(len(before) + 1, len(through)):
-        if through[position] in controls:
-            end = position + 1
-            break
-    return len(before), end
+    return len(before), through
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The token the chat template ends an assistant reply with: the first special or added
+    token after the text of a rendered reply, or None when the template writes none."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Yes"}]
+    start, ids = _reply_tokens(tokenizer, messages, 1)
+    controls, seen_text = _control_ids(tokenizer), False
+    for token in ids[start:]:
+        if token in controls and seen_text:
+            return token
+        seen_text = seen_text or token not in controls
+    return None
+
+
+def reply_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
+    """``(start, end)`` token positions of the assistant message ``messages[index]`` in the
+    rendering of ``messages[:index + 1]``, found without ``{% generation %}`` markers: from
+    the end of the generation prompt to just after the reply's end-of-turn token
+    (:func:`template_end_of_turn`; an empty reply is that token alone), or to the end of the
+    turn's text when the template writes none."""
+    start, ids = _reply_tokens(tokenizer, messages, index)
+    end_token = template_end_of_turn(tokenizer)
+    if end_token is not None and end_token in ids[start:]:
+        return start, ids.index(end_token, start) + 1
+    return start, len(ids)
 
 
 def encode_chat(tokenizer, conversations: list[dict]) -> dict:
@@ -266,15 +282,6 @@ def encode_chat(tokenizer, conversations: list[dict]) -> dict:
                 "a template with {% generation %} blocks (tokenizer.chat_template = ...)")
         mask[start:end] = [1] * (end - start)
     return {"input_ids": ids, "assistant_mask": mask}
-
-
-def template_end_of_turn(tokenizer) -> int | None:
-    """The token the chat template ends an assistant reply with (the reply's first special or
-    added token), or None when the template writes none."""
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Yes"}]
-    start, end = reply_span(tokenizer, messages, 1)
-    last = _render_ids(tokenizer, messages)[end - 1]
-    return last if end - start > 1 and last in _control_ids(tokenizer) else None
 
 
 def world_corpus(n_scenes: int = 2000, seed: int = 12345) -> list[str]:

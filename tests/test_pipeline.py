@@ -193,7 +193,6 @@ def test_checkpoints_stand_in_for_the_vision_and_lm_stages(tmp_path):
     from transformers import AutoTokenizer
 
     from companion.models import build_clip
-    from companion.pipeline import PipelineConfig, run_pipeline
     from companion.tokenizer import world_tokenizer
     from companion.vlm import load_vlm
 

@@ -195,3 +195,16 @@ def test_a_checkpoints_lm_gets_the_image_token_and_grown_embeddings(tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == 401
     assert model.get_output_embeddings().weight.shape[0] == 401
     assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_an_empty_reply_is_its_end_of_turn_token_alone():
+    from foreign_tokenizers import CHATML, foreign_tokenizer
+
+    from companion.tokenizer import prepare_tokenizer
+
+    tokenizer = foreign_tokenizer(CHATML)
+    prepare_tokenizer(tokenizer)
+    enc = encode_chat(tokenizer, [CONVERSATION[0], {"from": "gpt", "value": ""}])
+    masked = [t for t, m in zip(tokenizer.convert_ids_to_tokens(enc["input_ids"]),
+                                enc["assistant_mask"]) if m]
+    assert masked == ["<|im_end|>"]
