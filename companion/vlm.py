@@ -15,6 +15,7 @@ projector to turn image features into something the frozen LM reads like that de
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -78,17 +79,21 @@ def end_of_turn_id(tokenizer) -> int:
     ids = tokenizer.convert_tokens_to_ids([END_OF_TURN])
     if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
         return int(ids[0])
-    key = (id(tokenizer), str(tokenizer.chat_template), len(tokenizer))
-    if key not in _END_OF_TURN:
+    # rendering the template costs a few hundred microseconds and decoding asks for every
+    # reply, so the answer is kept per tokenizer object, for its current template and size
+    state = (str(tokenizer.chat_template), len(tokenizer))
+    known = _END_OF_TURN.get(tokenizer)
+    if known is None or known[0] != state:
         found = template_end_of_turn(tokenizer) if tokenizer.chat_template else None
         if found is None and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer's chat template ends a reply with no special token "
                              "and it has no eos token; set tokenizer.eos_token")
-        _END_OF_TURN[key] = int(found if found is not None else tokenizer.eos_token_id)
-    return _END_OF_TURN[key]
+        known = (state, int(found if found is not None else tokenizer.eos_token_id))
+        _END_OF_TURN[tokenizer] = known
+    return known[1]
 
 
-_END_OF_TURN: dict = {}
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def fit_embeddings(model, tokenizer) -> int:
