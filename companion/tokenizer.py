@@ -242,17 +242,22 @@ def template_end_of_turn(tokenizer) -> int | None:
     return None
 
 
+def _span(tokenizer, messages: list[dict], index: int, end_token: int | None):
+    """``(start, end, ids)``: :func:`reply_span`'s positions and the rendering they index."""
+    start, ids = _reply_tokens(tokenizer, messages, index)
+    if end_token is not None and end_token in ids[start:]:
+        return start, ids.index(end_token, start) + 1, ids
+    return start, len(ids), ids
+
+
 def reply_span(tokenizer, messages: list[dict], index: int) -> tuple[int, int]:
     """``(start, end)`` token positions of the assistant message ``messages[index]`` in the
     rendering of ``messages[:index + 1]``, found without ``{% generation %}`` markers: from
     the end of the generation prompt to just after the reply's end-of-turn token
     (:func:`template_end_of_turn`; an empty reply is that token alone), or to the end of the
     turn's text when the template writes none."""
-    start, ids = _reply_tokens(tokenizer, messages, index)
-    end_token = template_end_of_turn(tokenizer)
-    if end_token is not None and end_token in ids[start:]:
-        return start, ids.index(end_token, start) + 1
-    return start, len(ids)
+    start, end, _ = _span(tokenizer, messages, index, template_end_of_turn(tokenizer))
+    return start, end
 
 
 def encode_chat(tokenizer, conversations: list[dict]) -> dict:
@@ -271,11 +276,12 @@ def encode_chat(tokenizer, conversations: list[dict]) -> dict:
                 "assistant_mask": list(encoded["assistant_masks"])}
     ids = _render_ids(tokenizer, messages)
     mask = [0] * len(ids)
+    end_token = template_end_of_turn(tokenizer)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = reply_span(tokenizer, messages, index)
-        if ids[:end] != _render_ids(tokenizer, messages[:index + 1])[:end]:
+        start, end, through = _span(tokenizer, messages, index, end_token)
+        if ids[:end] != through[:end]:
             raise ValueError(
                 f"the tokenizer's chat template renders turn {index} differently once later "
                 "turns follow it, so the assistant tokens cannot be found; give the tokenizer "
