@@ -79,6 +79,12 @@ _EXPORTS = {
     "InstructionRecipe": "companion.instruction",
     "instruction_tuned_vlm": "companion.instruction",
     "encode_file_data": "companion.instruction",
+    # what the vision tokens carry vs what the model says (companion/probe.py)
+    "vision_tokens": "companion.probe",
+    "cell_labels": "companion.probe",
+    "train_probe": "companion.probe",
+    "probe_accuracy": "companion.probe",
+    "description_cell_accuracy": "companion.probe",
     # LoRA, optional (companion/lora.py; needs peft)
     "add_lora": "companion.lora",
     "merge_lora": "companion.lora",

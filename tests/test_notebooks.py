@@ -120,7 +120,8 @@ SMOKE_EXPECTATIONS = {
     "3.1.2": ["hard_minus_random_fine_grained", "mining_temperature"],
     "3.1.3": ["f1_before", "f1_after", "hallucination_after"],
     "3.2": ["before_mean_task_accuracy", "stage1_mean_task_accuracy",
-            "stage2_mean_task_accuracy", "stage2_hallucination_rate"],
+            "stage2_mean_task_accuracy", "stage2_hallucination_rate",
+            "probe/vision_tokens/shape", "probe/descriptions/whole scene"],
     "3.3.1": ["pairs_train", "likelihood_pair_accuracy", "rm_last_pair_accuracy",
               "rm_mean_pair_accuracy"],
     # nested metrics by path
