@@ -242,14 +242,21 @@ def generate_tokens(model, tokenizer, conversations: Sequence[list[dict]],
     (kept, since it is part of the reply the model is trained to write). Greedy unless
     ``do_sample``; prompts are left-padded so that every reply starts at the same column.
     The ``<image>`` placeholder is never generated (a reply containing it could not be fed
-    back to the model: every placeholder must match an image feature)."""
-    from companion.vlm import end_of_turn_id, image_seq_length, image_token_id
+    back to the model: every placeholder must match an image feature).
+
+    ``pixel_values=None`` runs a text-only causal LM on conversations without ``<image>``
+    (e.g. :func:`companion.vlm.text_only_conversations`)."""
+    from companion.vlm import IMAGE_TOKEN, end_of_turn_id, image_seq_length, image_token_id
 
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature} must be positive when sampling")
     model.eval()
     device = next(model.parameters()).device
-    n_image = image_seq_length(model)
+    if pixel_values is None and any(IMAGE_TOKEN in str(turn.get("value", ""))
+                                    for c in conversations for turn in c):
+        raise ValueError("a conversation has <image> but no pixel_values were given; replace "
+                         "the image by text (text_only_conversations) or pass the images")
+    n_image = image_seq_length(model) if pixel_values is not None else 0
     prompts = [prompt_ids(tokenizer, c, n_image) for c in conversations]
     batch = pad_examples([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
     if generator_seed is not None:
@@ -257,7 +264,8 @@ def generate_tokens(model, tokenizer, conversations: Sequence[list[dict]],
     end = end_of_turn_id(tokenizer)
     output = model.generate(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        pixel_values=pixel_values.to(device), max_new_tokens=max_new_tokens,
+        **({} if pixel_values is None else {"pixel_values": pixel_values.to(device)}),
+        max_new_tokens=max_new_tokens,
         do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None,
         top_k=None, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[image_token_id(tokenizer)])
@@ -324,7 +332,8 @@ def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict
     """Let the model answer every human turn of ``records`` and judge each answer.
 
     Multi-turn records are played as a real chat: each later question follows the model's
-    *own* earlier answers. ``pixel_values`` (R, 3, H, W) holds each record's image.
+    *own* earlier answers. ``pixel_values`` (R, 3, H, W) holds each record's image; ``None``
+    scores a text-only LM on records whose conversations carry no image.
     """
     from companion.world import judge_answer
 
@@ -336,7 +345,8 @@ def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict
         for start in range(0, len(active), batch_size):
             rows = active[start:start + batch_size]
             convs = [history[i] + [records[i]["conversations"][2 * turn]] for i in rows]
-            replies = generate_replies(model, tokenizer, convs, pixel_values[rows],
+            pixels = None if pixel_values is None else pixel_values[rows]
+            replies = generate_replies(model, tokenizer, convs, pixels,
                                        max_new_tokens=max_new_tokens)
             for i, conv, reply in zip(rows, convs, replies):
                 record = records[i]

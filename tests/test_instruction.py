@@ -7,6 +7,7 @@ import torch
 
 from companion.instruction import (IGNORE_INDEX, LlavaCollator, NoTargetError, build_example,
                                    encode_records, evaluate_tasks, generate_replies,
+                                   generate_tokens,
                                    instruction_tuning_step, pad_examples)
 from companion.models import TinyClipConfig, build_clip
 from companion.stages import apply_stage, part_of, set_trainable, trainable_summary
@@ -236,6 +237,34 @@ def test_evaluate_tasks_judges_every_turn(tokenizer, vlm):
     assert len(scores.answers) == sum(len(r["checks"]) for r in records)
     assert set(scores.by_task()) == {"counting", "multi_turn"}
     assert 0.0 <= scores.mean_task_accuracy() <= 1.0
+
+
+def test_a_text_only_lm_is_scored_on_the_scene_in_words(tokenizer, vlm):
+    """pixel_values=None: the text-pretrained LM answers with the scene written out, and
+    its replies are the greedy continuation of exactly those prompt tokens."""
+    from companion.instruction import prompt_ids
+
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=0)
+    scenes = make_scenes(2, seed=12)
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, tasks=["counting", "multi_turn"], seed=0)
+    text = [{**r, "conversations": c} for r, c in zip(records, text_only_conversations(records, by_id))]
+    scores = evaluate_tasks(lm, tokenizer, text, by_id, None, max_new_tokens=4)
+    assert len(scores.answers) == sum(len(r["checks"]) for r in records)
+    conversation = text[0]["conversations"][:1]
+    prompts, replies = generate_tokens(lm, tokenizer, [conversation], None, max_new_tokens=3)
+    ids = torch.tensor([prompt_ids(tokenizer, conversation, 0)])
+    assert prompts[0] == ids[0].tolist()
+    with torch.no_grad():
+        for _ in range(3):
+            logits = lm(input_ids=ids).logits[:, -1]
+            logits[:, image_token_id(tokenizer)] = float("-inf")  # never generated
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    greedy = ids[0, -3:].tolist()
+    end = end_of_turn_id(tokenizer)
+    assert replies[0] == (greedy[:greedy.index(end) + 1] if end in greedy else greedy)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        generate_replies(lm, tokenizer, [SINGLE[:1]], None)
 
 
 def test_text_only_conversations_replace_the_image_by_its_description():
