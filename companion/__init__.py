@@ -37,6 +37,7 @@ _EXPORTS = {
     "load_world_dataset": "companion.world",
     "scene_png_bytes": "companion.world",
     "parse_answer": "companion.world",
+    "described_objects": "companion.world",
     # LLaVA conversation format (companion/data/llava.py)
     "load_llava_json": "companion.data.llava",
     "save_llava_json": "companion.data.llava",

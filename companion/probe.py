@@ -60,12 +60,12 @@ def vision_tokens(model, pixel_values: torch.Tensor, batch_size: int = 256) -> t
                          "(N, 3, H, W)")
     inner = model.model
     layer = model.config.vision_feature_layer
+    layers = [layer] if isinstance(layer, int) else list(layer)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(pixel_values), batch_size):
         pixels = pixel_values[start:start + batch_size].to(device)
         hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states
-        layers = [layer] if isinstance(layer, int) else list(layer)
         features = torch.cat([hidden[k] for k in layers], dim=-1)
         if model.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
@@ -190,28 +190,16 @@ def probe_accuracy(probe: CellProbe, features: torch.Tensor, labels: torch.Tenso
 
 def described_cells(answer: str) -> dict[str, dict[str, str]]:
     """What a description says about each cell: ``{region: {"shape": ..., "color": ...,
-    "size": ...}}`` for each object phrase whose clause names exactly one region (the
-    attachment rule of :func:`companion.world.judge_description`); unstated attributes are
-    left out, a cell named twice keeps its first phrase."""
-    from companion.world import parse_answer
+    "size": ...}}`` for each mentioned object that has a region, by the attachment rule of
+    :func:`companion.world.judge_description` (:func:`companion.world.described_objects`);
+    unstated attributes are left out, a cell named twice keeps its first object."""
+    from companion.world import described_objects, parse_answer
 
-    parsed = parse_answer(answer)
-    regions: dict[int, list[str]] = {}
-    for item in parsed["regions"]:
-        regions.setdefault(item["clause"], []).append(item["region"])
-    mentions = [p for p in parsed["phrases"] if not p["negated"] and p["number"] != 0
-                and (p["shape"] or p["foreign_shape"])]
-    per_clause: dict[int, int] = {}
-    for phrase in mentions:
-        per_clause[phrase["clause"]] = per_clause.get(phrase["clause"], 0) + 1
     cells: dict[str, dict[str, str]] = {}
-    for phrase in mentions:
-        named = regions.get(phrase["clause"], [])
-        if len(named) != 1 or per_clause[phrase["clause"]] != 1 or named[0] in cells:
-            continue
-        stated = {"shape": phrase["shape"] or phrase["foreign_shape"],
-                  "color": phrase["color"] or phrase["foreign_color"], "size": phrase["size"]}
-        cells[named[0]] = {k: v for k, v in stated.items() if v}
+    for stated in described_objects(parse_answer(answer)):
+        region = stated.pop("region", None)
+        if region is not None and region not in cells:
+            cells[region] = stated
     return cells
 
 

@@ -1056,14 +1056,9 @@ class DescriptionScore:
     total: int
 
 
-def judge_description(scene: Scene, answer: str) -> DescriptionScore:
-    """Precision and recall of the facts a caption states, for captioning metrics.
-
-    Each mentioned object ("a large red circle at the top left") states up to four facts;
-    a region is attached to the object of its clause (clauses split at punctuation and
-    "and"). Mentions are paired with scene objects greedily by agreeing facts.
-    """
-    parsed = parse_answer(answer)
+def _attachments(parsed: dict) -> tuple[dict[int, list[str]], dict[int, int], list[dict]]:
+    """``(regions by clause, object mentions by clause, object mentions)`` of a parsed answer:
+    what attaches a region to the object named in the same clause."""
     regions_by_clause: dict[int, list[str]] = {}
     for item in parsed["regions"]:
         regions_by_clause.setdefault(item["clause"], []).append(item["region"])
@@ -1071,7 +1066,16 @@ def judge_description(scene: Scene, answer: str) -> DescriptionScore:
     phrases_by_clause: dict[int, int] = {}
     for phrase in mentions:
         phrases_by_clause[phrase["clause"]] = phrases_by_clause.get(phrase["clause"], 0) + 1
-    facts = []  # per mention: {attribute: stated value}
+    return regions_by_clause, phrases_by_clause, mentions
+
+
+def described_objects(parsed: dict) -> list[dict]:
+    """The objects a parsed answer (:func:`parse_answer`) mentions, in order, each as the
+    facts it states: ``shape`` always, ``size`` and ``color`` when said, and ``region`` when
+    the mention's clause names exactly one region and no other object (clauses split at
+    punctuation and "and")."""
+    regions_by_clause, phrases_by_clause, mentions = _attachments(parsed)
+    facts = []
     for phrase in mentions:
         stated = {"shape": phrase["shape"] or phrase["foreign_shape"]}
         for key in ("size", "color"):
@@ -1082,6 +1086,19 @@ def judge_description(scene: Scene, answer: str) -> DescriptionScore:
         if len(regions) == 1 and phrases_by_clause[phrase["clause"]] == 1:
             stated["region"] = regions[0]
         facts.append(stated)
+    return facts
+
+
+def judge_description(scene: Scene, answer: str) -> DescriptionScore:
+    """Precision and recall of the facts a caption states, for captioning metrics.
+
+    Each mentioned object ("a large red circle at the top left") states up to four facts;
+    a region is attached to the object of its clause (clauses split at punctuation and
+    "and"). Mentions are paired with scene objects greedily by agreeing facts.
+    """
+    parsed = parse_answer(answer)
+    regions_by_clause, phrases_by_clause, _ = _attachments(parsed)
+    facts = described_objects(parsed)
     truth = [{"size": o.size, "color": o.color, "shape": o.shape, "region": o.region}
              for o in scene.objects]
     pairs = sorted(((-sum(truth[t].get(k) == v for k, v in f.items()), m, t)

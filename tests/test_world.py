@@ -418,3 +418,15 @@ def test_description_precision_recall_on_hand_made_cases():
     word = judge_description(SCENE, 'the word "DOG" is written at the right.')
     assert (word.stated, word.correct) == (2, 0)
     assert judge_description(SCENE, "").precision == 0.0
+
+
+def test_described_objects_attach_a_region_only_to_the_one_object_of_its_clause():
+    from companion.world import described_objects, parse_answer
+
+    parsed = parse_answer("a large red circle at the top left and a square, "
+                          "a blue triangle next to a green diamond at the bottom.")
+    assert described_objects(parsed) == [
+        {"shape": "circle", "size": "large", "color": "red", "region": "top left"},
+        {"shape": "square"},
+        {"shape": "triangle", "color": "blue"},
+        {"shape": "diamond", "color": "green"}]
