@@ -449,10 +449,11 @@ if run_probe:
 # How to read this. Where the probe is near 1 and the descriptions are well below it, the
 # fact reached the LM and the LM did not use it: the limit is in how the LM reads the vision
 # tokens (its size, and how much stage-2 training it got), not in what the tower sees. Where
-# the probe itself falls short, no LM could recover the fact from these tokens: the frozen
-# tower (0.25 M parameters, 8-pixel patches) or the projector lost it, and only a better
-# vision encoder helps. The probe is a lower bound on what the tokens carry (a stronger
-# probe, or more scenes to train it, can only read more). Both readings are printed below.
+# the probe itself falls short, part of the fact may never have reached the LM: the frozen
+# tower (0.25 M parameters, 8-pixel patches) or the projector lost it, and a better vision
+# encoder is what helps. The probe only gives a lower bound on what the tokens carry (a
+# stronger probe, or more scenes to train it, could read more). Both readings are printed
+# below.
 
 # %%
 if run_probe:
