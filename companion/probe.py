@@ -53,23 +53,23 @@ def cell_labels(scenes: Sequence) -> torch.Tensor:
 @torch.no_grad()
 def vision_tokens(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """(N, P, D): the vectors a ``LlavaForConditionalGeneration`` puts in place of the
-    image's ``<image>`` tokens (vision tower, the configured feature layer, CLS dropped
-    under the ``default`` strategy, then the projector), float32 on the CPU."""
+    image's ``<image>`` tokens, from the model's own ``get_image_features`` (vision tower,
+    its configured feature layer and selection strategy, then the projector), float32 on
+    the CPU."""
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                          "(N, 3, H, W)")
-    inner = model.model
-    layer = model.config.vision_feature_layer
-    layers = [layer] if isinstance(layer, int) else list(layer)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(pixel_values), batch_size):
-        pixels = pixel_values[start:start + batch_size].to(device)
-        hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states
-        features = torch.cat([hidden[k] for k in layers], dim=-1)
-        if model.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        chunks.append(inner.multi_modal_projector(features).float().cpu())
+        out = model.model.get_image_features(
+            pixel_values=pixel_values[start:start + batch_size].to(device),
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        features = getattr(out, "pooler_output", out)  # an output object, or the features
+        if isinstance(features, (list, tuple)):  # one (P, D) tensor per image
+            features = torch.stack(list(features))
+        chunks.append(features.float().cpu())
     return torch.cat(chunks)
 
 
