@@ -113,6 +113,8 @@ _EXPORTS = {
     "TrainConfig": "companion.train",
     "build_clip": "companion.models",
     "retrieval_metrics": "companion.evaluate",
+    "paired_difference": "companion.evaluate",
+    "task_mean_difference": "companion.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

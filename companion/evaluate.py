@@ -1,4 +1,5 @@
-"""Evaluation shared by the chapters: retrieval recall@k and zero-shot classification."""
+"""Evaluation shared by the chapters: retrieval recall@k, zero-shot classification, caption
+quality, and the paired comparison of two judged runs on the same held-out questions."""
 
 from __future__ import annotations
 
@@ -136,3 +137,85 @@ def caption_quality(scenes, captions) -> dict[str, float]:
         totals["exact"] += float(verdict.passed)
         totals["hallucination_rate"] += float(bool(verdict.hallucinations))
     return {key: value / len(scenes) for key, value in totals.items()}
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+def _answer_values(scores, key: str, task: str | None) -> dict[tuple, float]:
+    out = {}
+    for a in scores.answers:
+        if task is not None and a["task"] != task:
+            continue
+        value = bool(a["hallucinations"]) if key == "hallucinated" else bool(a[key])
+        out[(a["id"], a["turn"])] = float(value)
+    return out
+
+
+def paired_difference(control, arm, key: str = "correct", task: str | None = None
+                      ) -> dict[str, float]:
+    """``arm - control`` on the same judged answers (two :class:`~companion.instruction.TaskScores`
+    of the same held-out records), with the standard error of the paired difference.
+
+    ``key`` is ``"correct"`` (accuracy) or ``"hallucinated"`` (hallucination rate); ``task``
+    keeps one task type's answers. Answers are matched by (record id, turn); both runs must
+    have answered the same questions. Returns ``{"control", "arm", "difference", "se", "n"}``;
+    |difference| > 2 se is the chapter's bar for "an effect, not noise" (:func:`verdict`).
+
+    Pairing is what makes the bar reachable: both runs answer the same questions, so the
+    questions' own difficulty cancels and only the answers that changed carry variance. The
+    two turns of a multi-turn record count as two answers.
+    """
+    if key not in ("correct", "hallucinated"):
+        raise ValueError(f"paired_difference: key={key!r}; choose 'correct' or 'hallucinated'")
+    a, b = _answer_values(control, key, task), _answer_values(arm, key, task)
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        where = f" of task {task!r}" if task is not None else ""
+        raise ValueError(f"paired_difference: the two runs share {len(common)} answers{where}; "
+                         "score them on the same held-out records")
+    diffs = [b[k] - a[k] for k in common]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"control": sum(a[k] for k in common) / n, "arm": sum(b[k] for k in common) / n,
+            "difference": mean, "se": (var / n) ** 0.5, "n": n}
+
+
+def task_mean_difference(control, arm) -> dict:
+    """The change of *mean task accuracy* (the average over task types of each type's
+    accuracy, as :meth:`~companion.instruction.TaskScores.mean_task_accuracy`) from
+    ``control`` to ``arm``, with its standard error, and each task type's own paired change.
+
+    The task types' answers are disjoint, so their paired differences are independent and
+    the mean's standard error is sqrt(sum of se_t^2) / T. Both runs must cover the same task
+    types. Returns ``{"control", "arm", "difference", "se", "by_task": {task: paired}}``, the
+    task types in the world's order (others after them, as they first appear).
+    """
+    tasks_c = {a["task"] for a in control.answers}
+    tasks_a = {a["task"] for a in arm.answers}
+    if tasks_c != tasks_a:
+        raise ValueError(f"task_mean_difference: the runs answered different task types "
+                         f"({sorted(tasks_c)} against {sorted(tasks_a)}); score them on the same "
+                         "held-out records")
+    if not tasks_c:
+        raise ValueError("task_mean_difference: no judged answers to compare")
+    from companion.world import TASK_TYPES
+
+    seen = [a["task"] for a in control.answers]
+    tasks = sorted(tasks_c, key=lambda t: (TASK_TYPES.index(t) if t in TASK_TYPES
+                                           else len(TASK_TYPES), seen.index(t)))
+    by_task = {t: paired_difference(control, arm, "correct", task=t) for t in tasks}
+    n = len(tasks)
+    return {"control": sum(r["control"] for r in by_task.values()) / n,
+            "arm": sum(r["arm"] for r in by_task.values()) / n,
+            "difference": sum(r["difference"] for r in by_task.values()) / n,
+            "se": sum(r["se"] ** 2 for r in by_task.values()) ** 0.5 / n,
+            "by_task": by_task}
+
+
+def verdict(difference: float, se: float, higher_is_better: bool = True) -> str:
+    """Words for a measured difference: 'helped' / 'hurt' beyond 2 standard errors, else
+    'no clear effect'."""
+    if abs(difference) <= 2 * se:
+        return "no clear effect"
+    return "helped" if (difference > 0) == higher_is_better else "hurt"

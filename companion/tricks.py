@@ -14,7 +14,8 @@ and the stages before the change are loaded, not retrained:
 
 This module holds the data recipes and the measurement that the LLaVA metrics do not cover:
 how far instruction tuning moved the vision tower away from its CLIP alignment
-(:func:`vision_alignment`).
+(:func:`vision_alignment`). The paired comparison of an arm with its control is
+:func:`companion.evaluate.paired_difference`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
+
+# The paired comparison of two judged runs lives with the other measurements; the 3.4
+# notebook imports it from here, where the tricks are measured.
+from companion.evaluate import paired_difference, verdict  # noqa: F401
 
 
 def select_tasks(records: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
@@ -112,42 +117,3 @@ def vision_drift(vlm, clip) -> float:
     num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before)
     den = sum(float(before[k].float().pow(2).sum()) for k in before)
     return (num / den) ** 0.5 if den else float(torch.nan)
-
-
-def paired_difference(control, arm, key: str = "correct") -> dict[str, float]:
-    """``arm - control`` on the same judged answers (two :class:`~companion.instruction.TaskScores`
-    of the same held-out records), with the standard error of the paired difference.
-
-    ``key`` is ``"correct"`` (accuracy) or ``"hallucinated"`` (hallucination rate). Answers
-    are matched by (record id, turn); both runs must have answered the same questions.
-    Returns ``{"control", "arm", "difference", "se", "n"}``; |difference| > 2 se is the
-    chapter's bar for "an effect, not noise".
-    """
-    def values(scores):
-        out = {}
-        for a in scores.answers:
-            value = bool(a["hallucinations"]) if key == "hallucinated" else bool(a[key])
-            out[(a["id"], a["turn"])] = float(value)
-        return out
-
-    if key not in ("correct", "hallucinated"):
-        raise ValueError(f"paired_difference: key={key!r}; choose 'correct' or 'hallucinated'")
-    a, b = values(control), values(arm)
-    common = sorted(set(a) & set(b))
-    if len(common) < 2:
-        raise ValueError(f"paired_difference: the two runs share {len(common)} answers; score "
-                         "them on the same held-out records")
-    diffs = [b[k] - a[k] for k in common]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return {"control": sum(a[k] for k in common) / n, "arm": sum(b[k] for k in common) / n,
-            "difference": mean, "se": (var / n) ** 0.5, "n": n}
-
-
-def verdict(difference: float, se: float, higher_is_better: bool = True) -> str:
-    """Words for a measured difference: 'helped' / 'hurt' beyond 2 standard errors, else
-    'no clear effect'."""
-    if abs(difference) <= 2 * se:
-        return "no clear effect"
-    return "helped" if (difference > 0) == higher_is_better else "hurt"

@@ -1,13 +1,12 @@
-"""The training tricks of 3.4: data recipes, the paired comparison, vision-tower measures,
-and the stage-table settings that drive them."""
+"""The training tricks of 3.4: data recipes, vision-tower measures, and the stage-table
+settings that drive them (the paired comparison is tested in test_paired_comparison.py)."""
 
 import pytest
 import torch
 
-from companion.instruction import TaskScores
 from companion.pipeline import CPU_STAGES, PipelineConfig, Stage, stage_records
-from companion.tricks import (mismatch_images, paired_difference, select_tasks,
-                              subsample_scenes, verdict, vision_alignment, vision_drift)
+from companion.tricks import (mismatch_images, select_tasks, subsample_scenes, vision_alignment,
+                              vision_drift)
 from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
 
 
@@ -59,36 +58,6 @@ def test_mismatch_images_changes_exactly_the_fraction_and_only_the_image(records
         mismatch_images(one_scene, 0.5)
     with pytest.raises(ValueError, match="fraction"):
         mismatch_images(records, 1.2)
-
-
-def _scores(correct, hallucinated=None):
-    hallucinated = hallucinated or [False] * len(correct)
-    return TaskScores([{"id": f"r{i}", "task": "counting", "turn": 0, "correct": c,
-                        "hallucinations": ["x"] if h else []}
-                       for i, (c, h) in enumerate(zip(correct, hallucinated))])
-
-
-def test_paired_difference_against_a_hand_computation():
-    control = _scores([1, 0, 0, 1, 0], [0, 1, 1, 0, 0])
-    arm = _scores([1, 1, 0, 1, 1], [0, 0, 1, 0, 0])
-    out = paired_difference(control, arm)
-    # per-answer differences 0, 1, 0, 0, 1: mean 0.4, sample sd sqrt(0.3), se sqrt(0.3 / 5)
-    assert out["control"] == pytest.approx(0.4) and out["arm"] == pytest.approx(0.8)
-    assert out["difference"] == pytest.approx(0.4)
-    assert out["se"] == pytest.approx((0.3 / 5) ** 0.5)
-    hal = paired_difference(control, arm, "hallucinated")
-    assert hal["difference"] == pytest.approx(-0.2)
-    with pytest.raises(ValueError, match="key"):
-        paired_difference(control, arm, "score")
-    with pytest.raises(ValueError, match="same held-out"):
-        paired_difference(control, TaskScores([{**a, "id": "other" + a["id"]} for a in arm.answers]))
-
-
-def test_verdict_needs_two_standard_errors():
-    assert verdict(0.05, 0.02) == "helped"
-    assert verdict(-0.05, 0.02) == "hurt"
-    assert verdict(0.03, 0.02) == "no clear effect"
-    assert verdict(-0.05, 0.02, higher_is_better=False) == "helped"
 
 
 def test_vision_measures_see_an_unchanged_and_a_changed_tower(tmp_path):
