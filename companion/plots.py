@@ -213,3 +213,26 @@ def plot_task_accuracy(tables: dict[str, dict[str, dict[str, float]]], title: st
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_paired_changes(changes: dict[str, dict], base: str, accuracy_floor: float = -0.02):
+    """Two panels of each run's paired change from ``base``, with whiskers of two standard
+    errors: mean task accuracy (a dotted line at ``accuracy_floor``, the loss allowed) and
+    hallucination rate (lower is better). ``changes`` is what
+    :func:`companion.rlhf.versus_reference_model` returns."""
+    names = list(changes)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, key, label in ((axes[0], "accuracy", "mean task accuracy"),
+                           (axes[1], "hallucination", "hallucination rate")):
+        values = [changes[n][f"{key}_change"] for n in names]
+        whiskers = [2 * changes[n][f"{key}_se"] for n in names]
+        ax.bar(names, values, yerr=whiskers, capsize=6,
+               color=[f"C{i + 1}" for i in range(len(names))])
+        ax.axhline(0, color="black", linewidth=0.8)
+        if key == "accuracy":
+            ax.axhline(accuracy_floor, color="grey", linestyle=":",
+                       label=f"allowed loss ({accuracy_floor:+.2f})")
+            ax.legend(fontsize=8)
+        ax.set(ylabel=f"change in {label}", title=f"{label.capitalize()}: change from {base} (± 2 se)")
+    fig.tight_layout()
+    return fig

@@ -7,7 +7,9 @@ PPO policy, each cached (keyed by the recipe) so every 3.3 notebook can run alon
 - :func:`train_reward_model` / :func:`reward_model`: the Bradley-Terry reward model;
 - :func:`ppo_policy`: the instruction-tuned model after PPO against that reward model;
 - :func:`heldout_prompts`: single-turn prompts about 3.2's held-out scenes, for the final
-  comparison.
+  comparison;
+- :func:`evaluate_policy` and :func:`versus_reference_model`: one row of that comparison, and
+  each method's paired change from the SFT model with the issue's verdict.
 """
 
 from __future__ import annotations
@@ -353,13 +355,17 @@ def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
 
 
 def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens: int = 48,
-                    kl_samples: int = 2, seed: int = 0) -> dict:
-    """One row of the section's comparison, on the held-out scenes of 3.2:
+                    kl_samples: int = 2, seed: int = 0) -> tuple[dict, object]:
+    """One row of the section's comparison, on the held-out scenes of 3.2, and the judged
+    answers behind it ``(row, scores)``:
 
     - ``mean_task_accuracy`` and ``hallucination_rate``: every record played as a chat
       (greedy answers) and judged, as in 3.2;
     - ``reward``: the reward model's mean score of the greedy first answers;
     - ``kl``: KL(model || reference) per reply, estimated on sampled replies.
+
+    ``scores`` (a :class:`~companion.instruction.TaskScores`) lets two rows be compared
+    answer by answer (:func:`companion.evaluate.paired_difference`).
     """
     from companion.instruction import evaluate_tasks
     from companion.ppo import sampled_kl
@@ -373,11 +379,50 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
     rewards = score_replies(reward, tokenizer, texts, [first[p["id"]] for p in prompts], pixels)
     kl = sampled_kl(model, reference, tokenizer, texts, pixels, max_new_tokens,
                     samples=kl_samples, seed=seed)
-    return {"mean_task_accuracy": scores.mean_task_accuracy(), "accuracy": scores.accuracy(),
-            "hallucination_rate": scores.hallucination_rate(),
-            "reward": float(rewards.mean()), "kl": kl,
-            "by_task": {t: round(v["accuracy"], 4) for t, v in scores.by_task().items()}}
+    row = {"mean_task_accuracy": scores.mean_task_accuracy(), "accuracy": scores.accuracy(),
+           "hallucination_rate": scores.hallucination_rate(),
+           "reward": float(rewards.mean()), "kl": kl,
+           "by_task": {t: round(v["accuracy"], 4) for t, v in scores.by_task().items()}}
+    return row, scores
 
+
+
+def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0.02
+                           ) -> dict[str, dict]:
+    """Each run of ``scores`` (name -> :class:`~companion.instruction.TaskScores` on the same
+    held-out records) against the run named ``base``, answer by answer.
+
+    Returns, per run: ``accuracy_change`` and ``accuracy_se`` (mean task accuracy, see
+    :func:`companion.evaluate.task_mean_difference`), ``hallucination_change`` and
+    ``hallucination_se`` (:func:`companion.evaluate.paired_difference`) and a ``verdict`` on
+    the section's bar: a method *helped* when the hallucination rate fell by more than two
+    standard errors and mean task accuracy fell by at most ``max_accuracy_loss``. A fall
+    inside two standard errors is reported as no clear effect, not as help.
+    """
+    from companion.evaluate import paired_difference, task_mean_difference, verdict
+
+    if base not in scores:
+        raise ValueError(f"versus_reference_model: no run named {base!r} among {list(scores)}")
+    out = {}
+    for name, run in scores.items():
+        if name == base:
+            continue
+        accuracy = task_mean_difference(scores[base], run)
+        hallucination = paired_difference(scores[base], run, "hallucinated")
+        change = verdict(hallucination["difference"], hallucination["se"],
+                         higher_is_better=False)
+        if change == "helped" and accuracy["difference"] >= -max_accuracy_loss:
+            word = "helped"
+        elif change == "helped":
+            word = f"fewer hallucinations, but task accuracy fell by more than {max_accuracy_loss}"
+        elif change == "hurt":
+            word = "did not help: more hallucinations"
+        else:
+            word = "did not help: no clear change in hallucination (within 2 se)"
+        out[name] = {"accuracy_change": accuracy["difference"], "accuracy_se": accuracy["se"],
+                     "hallucination_change": hallucination["difference"],
+                     "hallucination_se": hallucination["se"], "verdict": word}
+    return out
 
 # parameter name in the 3.3 notebooks -> (recipe, field)
 _NOTEBOOK_PARAMETERS = {

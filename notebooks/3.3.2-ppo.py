@@ -79,10 +79,11 @@ from companion.book import write_metrics
 from companion.losses.ppo import gae, reward_with_kl, whiten
 from companion.ppo import (PolicyWithValueHead, reference_reply_logps, reply_logps_values,
                            rollout)
+from companion.plots import plot_paired_changes
 from companion.preference import score_replies
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy,
                             recipe_from_parameters, reward_model, rlhf_prompts, run_ppo,
-                            sft_model)
+                            sft_model, versus_reference_model)
 from companion.runtime import setup
 
 %matplotlib inline
@@ -197,9 +198,9 @@ plt.show()
 # %%
 start = time.perf_counter()
 heldout = heldout_prompts(recipe, test_scenes, processor, image_size)
-rows = {}
+rows, judged = {}, {}
 for name, model in (("SFT (3.2)", sft), ("PPO", ppo_vlm), ("PPO, β = 0", free_vlm)):
-    rows[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
+    rows[name], judged[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
 seconds["evaluation"] = time.perf_counter() - start
 print(f"{'':>12} {'task acc.':>10} {'halluc.':>8} {'reward':>8} {'KL':>7}")
 for name, row in rows.items():
@@ -219,20 +220,27 @@ metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
 # and the judge's columns (task accuracy, hallucination rate) answer that. The β = 0 row is
 # the textbook failure: with nothing holding it near the reference, the policy drifts
 # furthest, collects the highest reward-model score, and the judge rates its answers lowest.
-# That is reward hacking: the policy finds what the reward model gets wrong. The lines
-# below compute these comparisons from this run's table.
+# That is reward hacking: the policy finds what the reward model gets wrong.
+#
+# The lines below compute these comparisons from this run's table. Both policies answer
+# the same held-out questions as the SFT model, so each change is measured answer by answer
+# (a paired difference), with its standard error. A method *helped* when the hallucination
+# rate fell by more than two standard errors while mean task accuracy lost at most 2
+# points; a smaller fall is noise as far as this many questions can tell.
 
 # %%
-sft_row, ppo_row = rows["SFT (3.2)"], rows["PPO"]
-free_row = rows["PPO, β = 0"]
-for name, row in (("PPO", ppo_row), ("PPO, β = 0", free_row)):
-    d_h = row["hallucination_rate"] - sft_row["hallucination_rate"]
-    d_a = row["mean_task_accuracy"] - sft_row["mean_task_accuracy"]
-    verdict = "helped" if d_h < 0 and d_a >= -0.02 else "did not help"
-    metrics[f"{name}_verdict"] = verdict
+sft_row = rows["SFT (3.2)"]
+versus_sft = versus_reference_model(judged, base="SFT (3.2)")
+for name, change in versus_sft.items():
+    row = rows[name]
+    metrics[f"{name}_verdict"] = change["verdict"]
     print(f"{name:>11}: reward-model score {row['reward'] - sft_row['reward']:+.3f}, "
-          f"KL {row['kl']:.2f} nats, hallucination {d_h:+.3f}, task accuracy {d_a:+.3f} "
-          f"-> {verdict}")
+          f"KL {row['kl']:.2f} nats\n{'':>13}hallucination {change['hallucination_change']:+.3f} "
+          f"± {change['hallucination_se']:.3f}, task accuracy {change['accuracy_change']:+.3f} "
+          f"± {change['accuracy_se']:.3f} -> {change['verdict']}")
+metrics["versus_sft"] = versus_sft
+fig = plot_paired_changes(versus_sft, "SFT (3.2)")
+plt.show()
 _ = write_metrics("3.3.2", metrics, output_dir)
 
 # %% tags=["nbval-ignore-output"]

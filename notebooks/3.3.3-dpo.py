@@ -74,10 +74,10 @@ import matplotlib.pyplot as plt
 from companion.book import write_metrics
 from companion.dpo import DPOConfig, train_dpo
 from companion.lora import LoraSettings, add_lora, merge_lora
-from companion.plots import plot_dpo_losses
+from companion.plots import plot_dpo_losses, plot_paired_changes
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy, preference_data,
                             preference_records, recipe_from_parameters, reward_model,
-                            rlhf_prompts, sft_model)
+                            rlhf_prompts, sft_model, versus_reference_model)
 from companion.runtime import setup
 from companion.stages import set_trainable
 from companion.widgets import dpo_beta_slider
@@ -197,10 +197,10 @@ ppo_vlm, _ = ppo_policy(cache_dir, recipe, device=dev, log=None)
 seconds["reward model and PPO policy (loaded or trained)"] = time.perf_counter() - start
 start = time.perf_counter()
 heldout = heldout_prompts(recipe, test_scenes, processor, image_size)
-table = {}
+table, judged = {}, {}
 for name, model in (("SFT (3.2)", sft), ("PPO (3.3.2)", ppo_vlm), ("DPO", dpo_vlm),
                     ("IPO", ipo_vlm)):
-    table[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
+    table[name], judged[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
 seconds["evaluation"] = time.perf_counter() - start
 print(f"{'':>12} {'task acc.':>10} {'halluc.':>8} {'reward':>8} {'KL':>7}")
 for name, row in table.items():
@@ -208,30 +208,27 @@ for name, row in table.items():
           f"{row['reward']:>+8.3f} {row['kl']:>7.2f}")
 metrics["heldout"] = table
 
-# %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-names = list(table)
-for ax, key, label in ((axes[0], "mean_task_accuracy", "mean task accuracy"),
-                       (axes[1], "hallucination_rate", "hallucination rate")):
-    ax.bar(names, [table[n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
-    ax.set(ylabel=label, title=f"Held-out {label} ({len(heldout[1])} records)")
-plt.show()
-
 # %% [markdown]
 # ## What this run shows
 #
 # The verdicts below are computed from the table, against the bar: a method helps if
 # it lowers the hallucination rate without losing more than 2 points of task accuracy.
+# Every method answers the same held-out questions as the SFT model, so each change is
+# measured answer by answer, with its standard error (se); a fall of the hallucination
+# rate counts only when it exceeds two standard errors. The whiskers in the figure are
+# those two standard errors: a bar whose whisker crosses zero is a change this many
+# questions cannot tell from noise.
 
 # %%
-base = table["SFT (3.2)"]
-for name in names[1:]:
-    row = table[name]
-    d_h = row["hallucination_rate"] - base["hallucination_rate"]
-    d_a = row["mean_task_accuracy"] - base["mean_task_accuracy"]
-    verdict = "helped" if d_h < 0 and d_a >= -0.02 else "did not help"
-    metrics[f"{name}_verdict"] = verdict
-    print(f"{name:>12}: hallucination {d_h:+.3f}, task accuracy {d_a:+.3f} -> {verdict}")
+versus_sft = versus_reference_model(judged, base="SFT (3.2)")
+for name, change in versus_sft.items():
+    metrics[f"{name}_verdict"] = change["verdict"]
+    print(f"{name:>12}: hallucination {change['hallucination_change']:+.3f} "
+          f"± {change['hallucination_se']:.3f}, task accuracy {change['accuracy_change']:+.3f} "
+          f"± {change['accuracy_se']:.3f} -> {change['verdict']}")
+metrics["versus_sft"] = versus_sft
+fig = plot_paired_changes(versus_sft, "SFT (3.2)")
+plt.show()
 _ = write_metrics("3.3.3", metrics, output_dir)
 
 # %% [markdown]

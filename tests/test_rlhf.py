@@ -424,3 +424,37 @@ def test_a_preference_file_is_split_by_question_and_keyed_by_its_content(tmp_pat
     assert _data_config(recipe)["sha256"] != key["sha256"]
     with pytest.raises(FileNotFoundError, match="preference_json='.*missing.json': no such"):
         _data_config(RLHFRecipe(preference_json=str(tmp_path / "missing.json")))
+
+
+def _judged(correct, hallucinated, tasks=("counting", "ocr")):
+    from companion.instruction import TaskScores
+
+    return TaskScores([{"id": f"r{i}", "task": tasks[i % len(tasks)], "turn": 0, "correct": bool(c),
+                        "hallucinations": ["x"] if h else []}
+                       for i, (c, h) in enumerate(zip(correct, hallucinated))])
+
+
+def test_versus_reference_model_calls_help_only_beyond_two_standard_errors():
+    from companion.rlhf import versus_reference_model
+
+    n = 200
+    base = _judged([i % 2 for i in range(n)], [i % 3 == 0 for i in range(n)])  # 67 hallucinate
+    clear = _judged([i % 2 for i in range(n)], [i % 6 == 0 for i in range(n)])  # 33 of the 67 fixed
+    slight = _judged([i % 2 for i in range(n)],  # 10 fixed, 6 new: net -4 of 200
+                     [(i % 3 == 0 and i >= 30) or (i % 3 == 1 and i < 18) for i in range(n)])
+    costly = _judged([0] * n, [i % 6 == 0 for i in range(n)])
+    worse = _judged([i % 2 for i in range(n)], [i % 3 == 0 or i % 5 == 1 for i in range(n)])
+    out = versus_reference_model({"SFT": base, "clear": clear, "slight": slight,
+                                  "costly": costly, "worse": worse}, base="SFT")
+    assert set(out) == {"clear", "slight", "costly", "worse"}
+    assert out["clear"]["verdict"] == "helped"
+    assert out["clear"]["hallucination_change"] == pytest.approx(-33 / n)
+    assert out["clear"]["accuracy_change"] == 0 and out["clear"]["accuracy_se"] == 0
+    # lower, but not beyond 2 se (16 answers changed, in both directions)
+    assert out["slight"]["hallucination_change"] == pytest.approx(-4 / n)
+    assert out["slight"]["verdict"].startswith("did not help: no clear change")
+    assert out["costly"]["verdict"].startswith("fewer hallucinations, but task accuracy fell")
+    assert out["costly"]["accuracy_change"] == pytest.approx(-0.5)
+    assert out["worse"]["verdict"] == "did not help: more hallucinations"
+    with pytest.raises(ValueError, match="no run named 'PPO'"):
+        versus_reference_model({"SFT": base}, base="PPO")
