@@ -24,10 +24,6 @@ import copy
 import random
 from collections.abc import Sequence
 
-# The paired comparison of two judged runs lives with the other measurements; the 3.4
-# notebook imports it from here, where the tricks are measured.
-from companion.evaluate import paired_difference, verdict  # noqa: F401
-
 
 def select_tasks(records: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
     """The records of the given task types, in their order. A requested task type with no

@@ -94,11 +94,13 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from companion.book import write_metrics
 from companion.clip import build_caption_data
+from companion.evaluate import paired_difference, verdict
 from companion.pipeline import (LLAVA15_STAGES, config_from_parameters, evaluate_stage,
                                 run_pipeline, stage_records)
 from companion.plots import plot_curves, plot_task_accuracy
+from companion.rlhf import versus_reference_model
 from companion.runtime import setup
-from companion.tricks import paired_difference, verdict, vision_alignment, vision_drift
+from companion.tricks import vision_alignment, vision_drift
 from companion.vlm import load_vlm
 from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
 
@@ -177,6 +179,12 @@ for name, s in scores.items():
                      "hallucination_rate": s.hallucination_rate(),
                      "by_task": {t: row["accuracy"] for t, row in s.by_task().items()}}
     print(f"{name:>8} {s.mean_task_accuracy():>19.3f} {s.hallucination_rate():>19.3f}")
+dpo_change = versus_reference_model({"stage2": scores["stage2"], "dpo": scores["dpo"]},
+                                    base="stage2")["dpo"]  # answer by answer, as in 3.3
+metrics["dpo_versus_stage2"] = dpo_change
+print(f"DPO against stage 2, paired: hallucination {dpo_change['hallucination_change']:+.3f} "
+      f"± {dpo_change['hallucination_se']:.3f}, task accuracy {dpo_change['accuracy_change']:+.3f} "
+      f"± {dpo_change['accuracy_se']:.3f} -> {dpo_change['verdict']}")
 fig = plot_task_accuracy({name: s.by_task() for name, s in scores.items()},
                          "The pipeline's LLaVA stages, per task type")
 plt.show()
