@@ -386,7 +386,6 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
     return row, scores
 
 
-
 def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0.02
                            ) -> dict[str, dict]:
     """Each run of ``scores`` (name -> :class:`~companion.instruction.TaskScores` on the same
@@ -423,6 +422,7 @@ def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0
                      "hallucination_change": hallucination["difference"],
                      "hallucination_se": hallucination["se"], "verdict": word}
     return out
+
 
 # parameter name in the 3.3 notebooks -> (recipe, field)
 _NOTEBOOK_PARAMETERS = {
