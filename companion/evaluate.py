@@ -169,16 +169,18 @@ def paired_difference(control, arm, key: str = "correct", task: str | None = Non
         raise ValueError(f"paired_difference: key={key!r}; choose 'correct' or 'hallucinated'")
     a, b = _answer_values(control, key, task), _answer_values(arm, key, task)
     common = sorted(set(a) & set(b))
-    if len(common) < 2:
+    if not common:
         where = f" of task {task!r}" if task is not None else ""
-        raise ValueError(f"paired_difference: the two runs share {len(common)} answers{where}; "
-                         "score them on the same held-out records")
+        raise ValueError(f"paired_difference: the two runs share no answers{where}; score them "
+                         "on the same held-out records")
     diffs = [b[k] - a[k] for k in common]
     n = len(diffs)
     mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    # one answer says nothing about the noise: its se is NaN, which verdict() reads as "no
+    # clear effect" (a smoke-sized test set can hold a single answer of some task type)
+    se = (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
     return {"control": sum(a[k] for k in common) / n, "arm": sum(b[k] for k in common) / n,
-            "difference": mean, "se": (var / n) ** 0.5, "n": n}
+            "difference": mean, "se": se, "n": n}
 
 
 def task_mean_difference(control, arm) -> dict:
@@ -215,7 +217,7 @@ def task_mean_difference(control, arm) -> dict:
 
 def verdict(difference: float, se: float, higher_is_better: bool = True) -> str:
     """Words for a measured difference: 'helped' / 'hurt' beyond 2 standard errors, else
-    'no clear effect'."""
-    if abs(difference) <= 2 * se:
+    'no clear effect' (also when the standard error is unknown: NaN)."""
+    if not abs(difference) > 2 * se:  # False for a NaN se
         return "no clear effect"
     return "helped" if (difference > 0) == higher_is_better else "hurt"

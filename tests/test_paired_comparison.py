@@ -2,6 +2,7 @@
 change in accuracy or hallucination rate, per task type and for the mean over task types,
 and the two-standard-error verdict the chapter uses."""
 
+import math
 import random
 import statistics
 
@@ -66,6 +67,21 @@ def test_paired_difference_keeps_one_task_type():
     assert counting["n"] == 4 and counting["difference"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="'grounding'"):
         paired_difference(control, arm, task="grounding")
+
+
+def test_a_single_shared_answer_has_an_unknown_se_and_no_clear_effect():
+    control = TaskScores(_scores([0], task="ocr").answers
+                         + [{**a, "id": "c" + a["id"]} for a in _scores([0, 1, 0]).answers])
+    arm = TaskScores(_scores([1], task="ocr").answers
+                     + [{**a, "id": "c" + a["id"]} for a in _scores([1, 1, 1]).answers])
+    ocr = paired_difference(control, arm, task="ocr")
+    assert ocr["n"] == 1 and ocr["difference"] == 1 and math.isnan(ocr["se"])
+    assert verdict(ocr["difference"], ocr["se"]) == "no clear effect"
+    both = task_mean_difference(control, arm)
+    assert both["difference"] == pytest.approx((1 + 2 / 3) / 2) and math.isnan(both["se"])
+    assert verdict(both["difference"], both["se"]) == "no clear effect"
+    with pytest.raises(ValueError, match="share no answers"):
+        paired_difference(control, TaskScores([{**a, "id": "x" + a["id"]} for a in arm.answers]))
 
 
 def test_task_mean_difference_against_an_independent_computation():
