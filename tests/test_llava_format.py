@@ -278,3 +278,112 @@ def test_save_validates_before_writing(folder):
     with pytest.raises(LlavaFormatError, match="data.json, record 0"):
         save_llava_json([good_record(conversations=[])], path)
     assert not path.exists()
+
+
+# ----------------------------------------------------------------------------- files as users have them
+
+def write_lines(folder, records, name="data.jsonl", bom=False):
+    path = folder / name
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return path
+
+
+def test_json_lines_file_is_read_as_records(folder):
+    records = [good_record(id="a"), good_record(id="b")]
+    path = write_lines(folder, records)
+    path.write_text(path.read_text(encoding="utf-8") + "\n  \n", encoding="utf-8")  # blank lines
+    assert load_llava_json(path) == records
+
+
+def test_json_lines_errors_name_the_line_or_the_record(folder):
+    path = folder / "data.jsonl"
+    path.write_text(json.dumps(good_record(id="a")) + '\n{"id": "b",\n', encoding="utf-8")
+    with pytest.raises(LlavaFormatError, match=r"data.jsonl: line 2 is not valid JSON"):
+        load_llava_json(path)
+    # the same record problem reads the same from a .json list and from .jsonl lines
+    broken = good_record(id="b", conversations=[])
+    messages = []
+    for name, writer in (("data.json", write), ("data.jsonl", write_lines)):
+        with pytest.raises(LlavaFormatError) as caught:
+            load_llava_json(writer(folder, [good_record(id="a"), broken], name))
+        assert caught.value.index == 1 and caught.value.record_id == "b"
+        messages.append(str(caught.value).replace(name, "FILE"))
+    assert messages[0] == messages[1] and '"conversations" is empty' in messages[0]
+
+
+def test_json_file_holding_json_lines_says_so(folder):
+    path = write_lines(folder, [good_record(id="a"), good_record(id="b")], name="data.json")
+    with pytest.raises(LlavaFormatError) as caught:
+        load_llava_json(path)
+    message = str(caught.value)
+    assert "holds JSON Lines" in message and "data.jsonl" in message, message
+    assert "Extra data" not in message
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_byte_order_mark_is_tolerated(folder, name):
+    records = [good_record(conversations=[human("<image>\nCouleur ?"), gpt("Rouge, déjà.")])]
+    if name.endswith(".jsonl"):
+        path = write_lines(folder, records, name, bom=True)
+    else:
+        path = folder / name
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_llava_json(path) == records
+
+
+@pytest.mark.parametrize("name, text", [("data.json", "[]"), ("data.jsonl", "\n\n")])
+def test_an_empty_data_set_is_refused_at_load(folder, name, text):
+    (folder / name).write_text(text, encoding="utf-8")
+    with pytest.raises(LlavaFormatError, match=rf"{name}: no records") as caught:
+        load_llava_json(folder / name)
+    assert caught.value.index is None
+    with pytest.raises(LlavaFormatError, match="no records"):
+        validate_llava_records([])
+
+
+def test_repeated_ids_are_reported(folder):
+    error = load_error(folder, [good_record(id="ok")])
+    assert error.record_id == "ok" and "repeats the id of record 0" in error.problem
+    # ids of different types are different ids; records without ids are fine
+    path = write(folder, [good_record(id=1), good_record(id="1"), good_record(id=None),
+                          {k: v for k, v in good_record().items() if k != "id"},
+                          {k: v for k, v in good_record().items() if k != "id"}])
+    assert len(load_llava_json(path)) == 5
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "images/../../x.png",
+                                   "..\\secret.png", "C:\\Windows\\x.png",
+                                   "\\\\server\\share\\x.png"])
+def test_image_paths_outside_the_image_folder_are_refused(folder, image):
+    record = good_record(image=image)
+    error = load_error(folder, [record])
+    assert "points outside the image folder" in error.problem
+    assert "allow_outside_folder=True" in error.problem
+    with pytest.raises(LlavaFormatError, match="points outside"):  # without images checked too
+        load_llava_json(folder / "data.json", check_images=False)
+    with pytest.raises(LlavaFormatError, match="points outside"):
+        save_llava_json([record], folder / "other.json")
+
+
+def test_allow_outside_folder_reads_images_elsewhere(tmp_path):
+    outside = tmp_path / "shared"
+    outside.mkdir()
+    render_scene(make_scenes(1)[0], 32).save(outside / "a.png")
+    (tmp_path / "set").mkdir()
+    records = [good_record(id="rel", image="../shared/a.png"),
+               good_record(id="abs", image=str(outside / "a.png"))]
+    path = write(tmp_path / "set", records)
+    with pytest.raises(LlavaFormatError) as caught:
+        load_llava_json(path)
+    assert [index for index, _, _ in caught.value.problems] == [0, 1]
+    assert load_llava_json(path, allow_outside_folder=True) == records
+    # a path that climbs and comes back down stays inside, and is read as before
+    inside = write(tmp_path / "set", [good_record(image="x/../../set/b.png")], "in.json")
+    render_scene(make_scenes(1)[0], 32).save(tmp_path / "set" / "b.png")
+    with pytest.raises(LlavaFormatError, match="points outside"):
+        load_llava_json(inside)  # x/../../set leaves set/ on the way: refused
+    (tmp_path / "set" / "x").mkdir()
+    ok = write(tmp_path / "set", [good_record(image="x/../b.png")], "ok.json")
+    assert load_llava_json(ok)[0]["image"] == "x/../b.png"

@@ -1,6 +1,7 @@
 """LLaVA's conversation JSON (the seed's instruction format): read, validate, write.
 
-A file is a JSON list of records::
+A file is a JSON list of records (``.json``), or the same records one per line (JSON Lines,
+``.jsonl``)::
 
     [{"id": "000123",
       "image": "images/000123.png",              # optional; relative to an image folder
@@ -14,15 +15,22 @@ Roles alternate ``human``, ``gpt``, ``human``, ``gpt`` ... (``assistant`` is acc
 synonym of ``gpt``). A record with an image has exactly one ``<image>`` placeholder, in its
 first human turn; a text-only record has none. Keys other than these (the shapes world adds
 ``task``, ``scene_id`` and ``checks``) are kept as they are, so load → save is a round trip.
+
+A data set needs at least one record, ids (where given) are unique, since every later error
+names a record by its id, and an ``"image"`` path stays inside the image folder (no absolute
+path, no ``..`` that climbs out of it) unless ``allow_outside_folder=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
+
+from companion.data.files import DataFileError, read_json_records
 
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN_ROLES = ("human",)
@@ -92,7 +100,19 @@ def iter_turns(record: dict) -> Iterator[dict]:
         yield {"role": normalize_role(turn["from"]), "content": turn["value"]}
 
 
-def _record_problems(record, image_folder: Path | None, check_images: bool) -> list[str]:
+def leaves_folder(relative: str) -> bool:
+    """True when the image path ``relative`` points outside the folder it is resolved against:
+    an absolute path (``/etc/passwd``, ``C:\\x``, ``\\\\server\\x``) or one whose ``..`` climb
+    out of it (``../../etc/passwd``). Decided on the text alone, so symlinks inside the folder
+    and folders that do not exist yet are judged alike."""
+    text = relative.replace("\\", "/")
+    if posixpath.isabs(text) or PureWindowsPath(relative).drive:
+        return True
+    return posixpath.normpath(text).split("/")[0] == ".."
+
+
+def _record_problems(record, image_folder: Path | None, check_images: bool,
+                     allow_outside_folder: bool = False) -> list[str]:
     """Every problem of one record, each a sentence that says what to do."""
     if not isinstance(record, dict):
         return [f"is {_type_name(record)}; expected an object with a \"conversations\" list."]
@@ -102,6 +122,11 @@ def _record_problems(record, image_folder: Path | None, check_images: bool) -> l
     if has_image and not isinstance(image, str):
         problems.append(f"\"image\" is {_type_name(image)}; expected a relative path string "
                         "such as \"images/000123.png\".")
+    elif has_image and not allow_outside_folder and leaves_folder(image):
+        problems.append(f"\"image\" {json.dumps(image, ensure_ascii=False)} points outside the "
+                        "image folder; write it relative to image_folder (and pass image_folder="
+                        "a folder that holds every image), or, if you trust the file, pass "
+                        "allow_outside_folder=True.")
     elif has_image and check_images and image_folder is not None:
         resolved = Path(image_folder) / image
         if not resolved.is_file():
@@ -176,54 +201,77 @@ def _record_problems(record, image_folder: Path | None, check_images: bool) -> l
     return problems
 
 
+def _id_key(record_id) -> str:
+    """A hashable, type-aware key for an id (``1`` and ``"1"`` differ)."""
+    return json.dumps(record_id, sort_keys=True, ensure_ascii=False, default=repr)
+
+
 def validate_llava_records(records, *, path="<memory>", image_folder=None,
-                           check_images: bool = True) -> None:
+                           check_images: bool = True, allow_outside_folder: bool = False
+                           ) -> None:
     """Check ``records`` against the LLaVA conversation format; raise on any problem.
 
-    Image files are looked for only when ``check_images`` and ``image_folder`` is given. All
-    problems are collected; the raised :class:`LlavaFormatError` lists them (up to 20).
+    Image files are looked for only when ``check_images`` and ``image_folder`` is given; an
+    image path that leaves the image folder is refused unless ``allow_outside_folder``. An
+    empty list and repeated ids are refused too. All problems are collected; the raised
+    :class:`LlavaFormatError` lists them (up to 20).
     """
     if not isinstance(records, list):
         raise LlavaFormatError(path, None, None,
                                f"top level is {_type_name(records)}; expected a JSON list of "
                                "records, each {\"image\": ..., \"conversations\": [...]}.")
+    if not records:
+        raise LlavaFormatError(path, None, None,
+                               "no records: the data set is empty. Point at the file that holds "
+                               "the records, or add at least one.")
     folder = Path(image_folder) if image_folder is not None else None
     found = []
+    first_with_id: dict[str, int] = {}
     for index, record in enumerate(records):
         record_id = record.get("id") if isinstance(record, dict) else None
-        for problem in _record_problems(record, folder, check_images):
+        for problem in _record_problems(record, folder, check_images, allow_outside_folder):
             found.append((index, record_id, problem))
+        if record_id is None:
+            continue
+        first = first_with_id.setdefault(_id_key(record_id), index)
+        if first != index:
+            found.append((index, record_id,
+                          f"repeats the id of record {first}; ids name records in every later "
+                          "error, so give each record its own id."))
     if found:
         index, record_id, problem = found[0]
         raise LlavaFormatError(path, index, record_id, problem, found)
 
 
-def load_llava_json(path, image_folder=None, check_images: bool = True) -> list[dict]:
-    """Read and validate a LLaVA JSON file; return its records unchanged.
+def load_llava_json(path, image_folder=None, check_images: bool = True,
+                    allow_outside_folder: bool = False) -> list[dict]:
+    """Read and validate a LLaVA file (``.json`` list or ``.jsonl`` lines); return its records
+    unchanged.
 
-    ``image_folder`` is where ``"image"`` paths are resolved: by default the JSON file's own
-    folder. Bad JSON, a wrong layout or a missing image raises :class:`LlavaFormatError`
-    naming the file, the record and the problem.
+    The format follows the extension (:func:`companion.data.files.read_json_records`; a
+    byte-order mark is tolerated). ``image_folder`` is where ``"image"`` paths are resolved:
+    by default the file's own folder; a path outside it is refused unless
+    ``allow_outside_folder``. Bad JSON, a wrong layout, no records, a repeated id or a
+    missing image raises :class:`LlavaFormatError` naming the file, the record and the problem.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"LLaVA JSON file not found: {path}. Pass the path of a JSON list of records, e.g. "
-            "one written by companion.world.export_llava_dataset(...) (its data.json).")
-    text = path.read_text(encoding="utf-8")
+            f"LLaVA JSON file not found: {path}. Pass the path of a JSON list of records (.json) "
+            "or of JSON Lines (.jsonl), e.g. the data.json written by "
+            "companion.world.export_llava_dataset(...).")
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LlavaFormatError(path, None, None,
-                               f"not valid JSON: {error.msg} at line {error.lineno}, column "
-                               f"{error.colno}. Fix the file there (a missing comma or quote is "
-                               "the usual cause).") from None
+        records = read_json_records(path)
+    except DataFileError as error:
+        raise LlavaFormatError(path, None, None, error.problem) from None
     folder = Path(image_folder) if image_folder is not None else path.parent
-    validate_llava_records(records, path=str(path), image_folder=folder, check_images=check_images)
+    validate_llava_records(records, path=str(path), image_folder=folder, check_images=check_images,
+                           allow_outside_folder=allow_outside_folder)
     return records
 
 
-def save_llava_json(records, path, *, image_folder=None, check_images: bool = False) -> Path:
+def save_llava_json(records, path, *, image_folder=None, check_images: bool = False,
+                    allow_outside_folder: bool = False) -> Path:
     """Validate ``records`` and write them to ``path`` atomically (UTF-8, indent 2).
 
     The JSON goes to a temporary file in the same folder which then replaces ``path``
@@ -232,7 +280,8 @@ def save_llava_json(records, path, *, image_folder=None, check_images: bool = Fa
     """
     path = Path(path)
     folder = image_folder if image_folder is not None else path.parent
-    validate_llava_records(records, path=str(path), image_folder=folder, check_images=check_images)
+    validate_llava_records(records, path=str(path), image_folder=folder, check_images=check_images,
+                           allow_outside_folder=allow_outside_folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
