@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from companion.data.preference import (  # noqa: F401 (PREFERENCE_KEYS: re-exported)
+    PREFERENCE_KEYS, read_preferences, validate_preference_records,
+)
 from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
 from companion.losses.preference import bradley_terry_loss
-
-PREFERENCE_KEYS = ("prompt", "chosen", "rejected", "images")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -151,35 +152,6 @@ def flip_preferences(records: Sequence[dict], noise: float, seed: int = 0) -> li
 
 # ----------------------------------------------------------------------------- files
 
-def validate_preference_records(records, where: str = "preference data") -> list[dict]:
-    """Check TRL-style preference records; raise ValueError naming the record and key."""
-    if not isinstance(records, list):
-        raise ValueError(f"{where}: expected a JSON list of records, got {type(records).__name__}")
-    if not records:
-        raise ValueError(f"{where}: no records")
-    for index, record in enumerate(records):
-        at = f"{where}, record {index}"
-        if not isinstance(record, dict):
-            raise ValueError(f"{at}: expected an object, got {type(record).__name__}")
-        for key in PREFERENCE_KEYS:
-            if key not in record:
-                raise ValueError(f"{at}: missing key {key!r} (a preference record needs "
-                                 f"{', '.join(PREFERENCE_KEYS)})")
-        for key in ("prompt", "chosen", "rejected"):  # a reply may be empty, a prompt not
-            if not isinstance(record[key], str) or (key == "prompt" and not record[key].strip()):
-                raise ValueError(f"{at}, key {key!r}: expected a{' non-empty' * (key == 'prompt')}"
-                                 f" string, got {record[key]!r}")
-        images = record["images"]
-        if (not isinstance(images, list) or len(images) != 1
-                or not isinstance(images[0], str)):
-            raise ValueError(f"{at}, key 'images': expected a list with one image path, got "
-                             f"{images!r}")
-        if record["prompt"].count("<image>") != 1:
-            raise ValueError(f"{at}, key 'prompt': needs exactly one '<image>' placeholder, "
-                             f"found {record['prompt'].count('<image>')}")
-    return records
-
-
 def save_preferences(path, records: Sequence[dict]) -> None:
     """Write records as JSON (to a temporary file first, so a crash never leaves half a file)."""
     path = Path(path)
@@ -189,17 +161,12 @@ def save_preferences(path, records: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
-def load_preferences(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no preference file here; make one with "
-                                "label_preferences and save_preferences, or pass the path of "
-                                "a TRL-style JSON list")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    return validate_preference_records(records, str(path))
+def load_preferences(source, image_cache=None) -> list[dict]:
+    """Validated preference records from a ``.json`` / ``.jsonl`` / ``.parquet`` file, a
+    ``Dataset.save_to_disk`` folder, a ``datasets.Dataset`` or a list, in TRL's standard or
+    conversational form (:func:`companion.data.preference.read_preferences`); PIL images
+    are written to ``image_cache`` and read from there."""
+    return read_preferences(source, image_cache)
 
 
 # ----------------------------------------------------------------------------- encoding

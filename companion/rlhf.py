@@ -48,8 +48,10 @@ class RLHFRecipe:
     ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
     sft_checkpoint: str = ""        # a LLaVA checkpoint (hub id or folder) as policy and
                                     # reference instead of 3.2's model (then ``sft`` is unused)
-    preference_json: str = ""       # a preference JSON (TRL fields) instead of sampled pairs
-    image_folder: str = ""          # where its image paths are resolved (default: its folder)
+    preference_json: str = ""       # preference data (TRL fields) instead of sampled pairs: a
+                                    # .json/.jsonl/.parquet file or a save_to_disk folder
+    image_folder: str = ""          # where its image paths are resolved (default: the folder
+                                    # that holds the file or dataset folder)
 
     def __post_init__(self):
         if self.scenes < 5:
@@ -94,15 +96,17 @@ def sft_model(cache_dir, recipe: RLHFRecipe, device="cpu", log=print):
 
 
 def _data_config(recipe: RLHFRecipe) -> dict:
-    if recipe.preference_json:  # a file: keyed by its content, so an edited file is new data
-        import hashlib
+    if recipe.preference_json:  # keyed by its content, so an edited file is new data
+        from companion.data.files import content_sha256
 
         path = Path(recipe.preference_json)
-        if not path.is_file():
-            raise FileNotFoundError(f"preference_json={str(path)!r}: no such file; pass a TRL-"
-                                    "style JSON list (prompt, chosen, rejected, images)")
+        if not path.exists():
+            raise FileNotFoundError(f"preference_json={str(path)!r}: no such file or folder; "
+                                    "pass TRL-style preference data (prompt, chosen, rejected, "
+                                    "images): a .json, .jsonl or .parquet file, or a folder "
+                                    "written by Dataset.save_to_disk")
         return {"kind": "rlhf-preferences-file", "procedure": 1, "sft": _sft_config(recipe),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "sha256": content_sha256(path),
                 "image_folder": str(recipe.image_root.resolve()), "seed": recipe.seed,
                 "heldout_fraction": recipe.heldout_fraction}
     keys = ("seed", "scenes", "samples", "temperature", "max_new_tokens", "pairs", "noise",
@@ -153,14 +157,21 @@ def make_preferences(recipe: RLHFRecipe, model, tokenizer, processor) -> list[di
 def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu",
                        log=print) -> list[dict]:
     """The labelled preference records of ``recipe`` (cached as JSON, TRL field names), or
-    the records of ``recipe.preference_json`` with their splits (:func:`split_preferences`)."""
+    the records of ``recipe.preference_json`` with their splits (:func:`split_preferences`).
+
+    ``preference_json`` may name a ``.json`` or ``.jsonl`` file, a ``.parquet`` file or a
+    ``Dataset.save_to_disk`` folder, in TRL's standard or conversational form
+    (:func:`companion.data.preference.read_preferences`); images given as PIL images (a
+    dataset's ``Image`` feature) are written once to ``cache_dir/preference-images``, named
+    by their content."""
     from companion.artifacts import cached_artifact
     from companion.preference import load_preferences, save_preferences
 
     recipe = recipe or RLHFRecipe()
     if recipe.preference_json:
-        return split_preferences(load_preferences(recipe.preference_json),
-                                 recipe.heldout_fraction, recipe.seed)
+        records = load_preferences(recipe.preference_json,
+                                   image_cache=Path(cache_dir) / "preference-images")
+        return split_preferences(records, recipe.heldout_fraction, recipe.seed)
 
     def build(folder):
         model, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
