@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from companion.data.preference import (  # noqa: F401 (PREFERENCE_KEYS: re-exported)
-    PREFERENCE_KEYS, read_preferences, validate_preference_records,
+from companion.data.preference import (
+    PREFERENCE_KEYS,  # noqa: F401 (re-exported)
+    read_preferences,
+    validate_preference_records,
 )
 from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
 from companion.losses.preference import bradley_terry_loss
-
 
 # ----------------------------------------------------------------------------- prompts
 

@@ -95,8 +95,8 @@ SYSTEM = {"role": "system", "content": "Be brief."}
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"prompt": [SYSTEM]}, r"key 'prompt', message 0: role 'system'; expected 'user' \(the "
-                           "prompt is one user turn"),
+    ({"prompt": [SYSTEM]},
+     r"key 'prompt', message 0: role 'system'; expected 'user' \(the prompt is one user turn"),
     ({"prompt": []}, "key 'prompt': an empty list of messages"),
     ({"prompt": [{"role": "user", "content": [{"type": "text", "text": "How many?"}]}]},
      r"key 'prompt': needs exactly one image: one \{'type': 'image'\} part .* found 0"),

@@ -235,9 +235,9 @@ def validate_llava_records(records, *, path="<memory>", image_folder=None,
             continue
         first = first_with_id.setdefault(_id_key(record_id), index)
         if first != index:
-            found.append((index, record_id,
-                          f"repeats the id of record {first}; ids name records in every later "
-                          "error, so give each record its own id."))
+            problem = (f"repeats the id of record {first}; ids name records in every later "
+                       "error, so give each record its own id.")
+            found.append((index, record_id, problem))
     if found:
         index, record_id, problem = found[0]
         raise LlavaFormatError(path, index, record_id, problem, found)
