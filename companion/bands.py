@@ -1,0 +1,312 @@
+"""Reference values of the chapters' trained figures, and the bands a re-run must stay inside.
+
+Why bands. A figure that comes out of training (a recall, an accuracy, a KL) depends on float
+rounding, and rounding differs between CPUs: PyTorch dispatches AVX-512, AVX2 or plain
+kernels by what the processor has (``ATEN_CPU_CAPABILITY`` forces one), and each sums in its
+own order. On another CPU every trained figure moves in its last digits, and after a few
+hundred training steps often in the second decimal. So the notebook tests compare printed
+trained figures by their text only (``nbval``, cells tagged ``trained-figures``), and guard
+the numbers here instead: each chapter's metrics JSON is compared with the reference run's
+within a band measured from re-runs that changed the seed or the kernel set.
+
+How a band is made (:func:`make_bands`). For every numeric metric, the reference value is
+the run that made the committed notebooks; the *variation runs* are the same chapter re-run
+with another seed or kernel set. With ``d`` the largest distance of a variation from the
+reference, the band is ``reference ± max(factor * d, floor)``, where ``floor`` is a small
+absolute width (``floor_fraction`` of the metric's scale) for metrics that moved in the
+variations. A metric that did not move in any variation, not even with another seed, is a
+structural number (a count of scenes, a configured number of steps) and must match exactly.
+
+A broken change leaves the band: the lessons' effects (CLIP learning, stage 2 over stage 1)
+are far larger than the seed-to-seed spread, and a metric that disappears, appears or
+becomes non-finite is reported too. ``python -m companion bands`` runs the variations and
+re-makes the reference file; the README says when and how.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from companion.book import ROOT, load_book, metrics_path, run_chapters
+
+REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
+BANDS_DIR = ROOT / "build" / "bands"
+# Metrics that are not figures of the lesson: wall-clock times.
+_UNCHECKED = re.compile(r"(^|/|_)(seconds|wall|minutes|time_s)($|/|_)")
+DEFAULT_FACTOR = 3.0
+DEFAULT_FLOOR_FRACTION = 0.02
+
+
+class BandError(ValueError):
+    """A reference file or a metrics file that cannot be used: the message says which."""
+
+
+def flatten_metrics(metrics: Mapping, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) metrics dict as ``{"a/b/c": value}``.
+
+    Lists (loss curves), strings and booleans are not figures to band; neither are
+    wall-clock times (keys naming seconds or wall time).
+    """
+    flat = {}
+    for key, value in metrics.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, path))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not _UNCHECKED.search(path):
+                flat[path] = float(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class Band:
+    reference: float
+    low: float
+    high: float
+    runs: tuple[float, ...]  # the variation runs' values, in the order of the file's "runs"
+
+    @property
+    def exact(self) -> bool:
+        return self.low == self.high
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(self.reference):
+            return math.isnan(value)
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.exact:
+            return f"exactly {self.reference:g} (the same in every variation run)"
+        return (f"[{self.low:.4g}, {self.high:.4g}] around the reference {self.reference:.4g} "
+                f"(variation runs: {', '.join(f'{v:.4g}' for v in self.runs)})")
+
+
+def make_band(reference: float, variations: Sequence[float], factor: float = DEFAULT_FACTOR,
+              floor_fraction: float = DEFAULT_FLOOR_FRACTION) -> Band:
+    """The band of one metric from its reference value and its variation runs' values."""
+    if not variations:
+        raise BandError("a band needs at least one variation run")
+    if factor < 1:
+        raise BandError(f"factor={factor} must be at least 1 (a band narrower than the "
+                        "spread it was measured from would fail the runs that made it)")
+    if any(math.isnan(v) for v in (reference, *variations)):
+        if all(math.isnan(v) for v in (reference, *variations)):
+            return Band(reference, reference, reference, tuple(variations))
+        raise BandError(f"NaN in some runs but not all (reference {reference}, variations "
+                        f"{list(variations)}): such a metric cannot be banded")
+    spread = max(abs(v - reference) for v in variations)
+    if spread == 0:
+        return Band(reference, reference, reference, tuple(variations))
+    scale = max(abs(reference), *(abs(v) for v in variations), 1.0 if abs(reference) <= 1 else 0)
+    half = max(factor * spread, floor_fraction * scale)
+    return Band(reference, reference - half, reference + half, tuple(variations))
+
+
+def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[str, Mapping]],
+               factor: float = DEFAULT_FACTOR, floor_fraction: float = DEFAULT_FLOOR_FRACTION
+               ) -> dict[str, dict[str, Band]]:
+    """Bands for every chapter and metric of ``reference`` ({chapter: metrics dict}).
+
+    Each variation is another run's ``{chapter: metrics dict}``; a metric missing from one of
+    them is an error (the runs must come from the same notebooks).
+    """
+    bands: dict[str, dict[str, Band]] = {}
+    for chapter, metrics in reference.items():
+        flat_ref = flatten_metrics(metrics)
+        flat_vars = []
+        for number, variation in enumerate(variations):
+            if chapter not in variation:
+                raise BandError(f"variation run {number} has no metrics for chapter {chapter}")
+            flat_vars.append(flatten_metrics(variation[chapter]))
+        bands[chapter] = {}
+        for key, value in flat_ref.items():
+            values = []
+            for number, flat in enumerate(flat_vars):
+                if key not in flat:
+                    raise BandError(f"chapter {chapter}: metric {key!r} is in the reference "
+                                    f"run but not in variation run {number}")
+                values.append(flat[key])
+            bands[chapter][key] = make_band(value, values, factor, floor_fraction)
+    return bands
+
+
+def check_metrics(chapter: str, metrics: Mapping, bands: Mapping[str, Band]) -> list[str]:
+    """Problems of one chapter's metrics against its bands (empty: all inside)."""
+    flat = flatten_metrics(metrics)
+    problems = []
+    for key, band in bands.items():
+        if key not in flat:
+            problems.append(f"{chapter}: metric {key!r} is missing (the reference has "
+                            f"{band.reference:g})")
+        elif not band.contains(flat[key]):
+            problems.append(f"{chapter}: {key} = {flat[key]:.4g} is outside "
+                            f"{band.describe()}")
+    for key in sorted(set(flat) - set(bands)):
+        problems.append(f"{chapter}: metric {key!r} = {flat[key]:.4g} has no reference value; "
+                        "if the notebook now writes it on purpose, re-make the reference file "
+                        "(python -m companion bands, see the README)")
+    return problems
+
+
+def save_reference(path, bands: Mapping[str, Mapping[str, Band]], runs: Sequence[dict],
+                   factor: float, floor_fraction: float, how: str) -> Path:
+    """Write the reference file (atomically): how it was made, the runs, every band."""
+    path = Path(path)
+    data = {
+        "how": how,
+        "factor": factor,
+        "floor_fraction": floor_fraction,
+        "runs": list(runs),
+        "chapters": {
+            chapter: {key: {"reference": b.reference, "low": b.low, "high": b.high,
+                            "runs": list(b.runs)} for key, b in sorted(metrics.items())}
+            for chapter, metrics in bands.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference(path=REFERENCE_FILE) -> dict[str, dict[str, Band]]:
+    """``{chapter: {metric: Band}}`` from a reference file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise BandError(f"{path}: no reference file; make one with `python -m companion bands`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        chapters = data["chapters"]
+        bands = {}
+        for chapter, metrics in chapters.items():
+            bands[chapter] = {}
+            for key, entry in metrics.items():
+                band = Band(float(entry["reference"]), float(entry["low"]), float(entry["high"]),
+                            tuple(float(v) for v in entry["runs"]))
+                if not band.low <= band.reference <= band.high and not math.isnan(band.reference):
+                    raise BandError(f"{path}: chapter {chapter}, metric {key!r}: the reference "
+                                    f"{band.reference} lies outside its own band")
+                bands[chapter][key] = band
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, BandError):
+            raise
+        raise BandError(f"{path}: not a reference file of this project ({exc!r}); re-make it "
+                        "with `python -m companion bands`") from exc
+    return bands
+
+
+def read_run(metrics_dir, chapters: Sequence[str]) -> dict[str, dict]:
+    """``{chapter: metrics}`` from a run's ``metrics/`` folder."""
+    run = {}
+    for chapter in chapters:
+        path = metrics_path(Path(metrics_dir), chapter)
+        if not path.is_file():
+            raise BandError(f"{path}: chapter {chapter} wrote no metrics in this run")
+        run[chapter] = json.loads(path.read_text())
+    return run
+
+
+# --- the command: run the variations, make the file ------------------------------------------
+
+def run_variation(name: str, overrides: dict, chapters: Sequence[str] | None = None,
+                  log=print) -> Path:
+    """Run the book (default profile) into ``build/bands/NAME`` with its own cache, so that no
+    model trained by another run is reused; return the run's folder (holding ``metrics/``).
+    The kernel set is taken from this process's environment (``ATEN_CPU_CAPABILITY`` and
+    friends), which the notebooks' kernels inherit."""
+    book = load_book()
+    book.build_dir = BANDS_DIR / name
+    book.cache_dir = BANDS_DIR / name / "cache"
+    run_chapters(book, list(chapters) if chapters else None, "default", overrides,
+                 progress=False, log=log)
+    return book.run_dir("default")
+
+
+def _parse_overrides(items: Sequence[str]) -> dict:
+    import ast
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BandError(f"-p {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def _run_folder(name: str) -> Path:
+    """A variation run by name (``build/bands/NAME/default``) or by the path of its folder."""
+    path = Path(name)
+    if (path / "metrics").is_dir():
+        return path
+    return BANDS_DIR / name / "default"
+
+
+def main_bands(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m companion bands",
+        description="Run the book's variation runs and (re)make the reference file of trained "
+                    "figures that the notebook tests compare against.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the book into build/bands/NAME (own cache)")
+    p_run.add_argument("name")
+    p_run.add_argument("chapters", nargs="*")
+    p_run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    p_make = sub.add_parser("make", help="make the reference file from finished runs")
+    p_make.add_argument("reference", help="run name of the reference (the committed outputs)")
+    p_make.add_argument("variations", nargs="+", help="run names of the variation runs")
+    p_make.add_argument("--describe", action="append", default=[], metavar="NAME=TEXT",
+                        help="what a run changed (seed, kernel set, CPU), for the file")
+    p_make.add_argument("--factor", type=float, default=DEFAULT_FACTOR)
+    p_make.add_argument("--floor-fraction", type=float, default=DEFAULT_FLOOR_FRACTION)
+    p_make.add_argument("--output", default=str(REFERENCE_FILE))
+    p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
+    p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
+    args = parser.parse_args(argv)
+    chapters = [c.id for c in load_book().chapters]
+    try:
+        if args.command == "run":
+            run_variation(args.name, _parse_overrides(args.param), args.chapters or None)
+            return 0
+        if args.command == "make":
+            described = dict(item.partition("=")[::2] for item in args.describe)
+            reference = read_run(_run_folder(args.reference), chapters)
+            variations = [read_run(_run_folder(name), chapters) for name in args.variations]
+            bands = make_bands(reference, variations, args.factor, args.floor_fraction)
+            runs = [{"name": name, "role": role, "changed": described.get(name, "")}
+                    for name, role in [(args.reference, "reference")]
+                    + [(n, "variation") for n in args.variations]]
+            how = (f"reference = run {args.reference!r} (the run that made the committed "
+                   f"notebooks); band = reference ± max({args.factor:g} × the largest distance "
+                   f"of a variation run from it, {args.floor_fraction:g} × the metric's "
+                   "scale); a metric no variation moved must match exactly. Made with "
+                   f"`python -m companion bands make {args.reference} "
+                   f"{' '.join(args.variations)}`.")
+            path = save_reference(args.output, bands, runs, args.factor, args.floor_fraction,
+                                  how)
+            n = sum(len(m) for m in bands.values())
+            exact = sum(b.exact for m in bands.values() for b in m.values())
+            print(f"{path}: {n} metrics of {len(bands)} chapters ({exact} exact)")
+            return 0
+        bands = load_reference()
+        problems = []
+        for chapter in chapters:
+            run = read_run(Path(args.metrics_dir), [chapter])
+            problems += check_metrics(chapter, run[chapter], bands.get(chapter, {}))
+        print("\n".join(problems) if problems else "every metric inside its band")
+        return 1 if problems else 0
+    except BandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
