@@ -1,4 +1,4 @@
-"""Command line: ``python -m companion book {list,run,html}``."""
+"""Command line: ``python -m companion book {list,run,html}`` and ``pipeline run``."""
 
 from __future__ import annotations
 
@@ -8,16 +8,23 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m companion book {list,run,html} ...\n\n"
+        print("usage: python -m companion {book,pipeline} ...\n\n"
               "  book list [--profile NAME]           chapters and their parameters\n"
               "  book run [CHAPTER ...] [--profile NAME] [-p KEY=VALUE ...]\n"
               "                                       execute chapters with papermill\n"
-              "  book html [--profile NAME]           render executed chapters to HTML")
+              "  book html [--profile NAME]           render executed chapters to HTML\n"
+              "  pipeline run [--profile NAME] [-p KEY=VALUE ...] [--checkpoint-every STEPS]\n"
+              "                                       the 3.4 pipeline, resumable; also under\n"
+              "                                       torchrun --nproc_per_node N -m companion")
         return 0 if argv else 2
     if argv[0] == "book":
         from companion.book import main_book
 
         return main_book(argv[1:])
+    if argv[0] == "pipeline":
+        from companion.launch import main_pipeline
+
+        return main_pipeline(argv[1:])
     print(f"unknown command {argv[0]!r}; try `python -m companion --help`", file=sys.stderr)
     return 2
 

@@ -176,13 +176,6 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(batch)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the process group, ``(0, 1)`` without one."""
-    from companion.distributed import is_distributed
-
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
-
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -342,7 +335,9 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
     warmup = int(round(config.warmup_fraction * config.steps))
     history = history or History()
-    rank, world = _rank_and_world()
+    from companion.distributed import rank_and_world
+
+    rank, world = rank_and_world()
     first = 0
     if checkpoint is not None:
         fingerprint = _fingerprint(config, params)
