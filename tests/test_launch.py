@@ -58,7 +58,7 @@ def _reference_loop(net, loss_fn, next_batch, config, lr_scale):
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(params, config.weight_decay, lr_scale, config.lr),
                                   lr=config.lr, betas=config.betas, foreach=True)
-    warmup = int(round(config.warmup_fraction * config.steps))
+    warmup = round(config.warmup_fraction * config.steps)
     losses = []
     net.train()
     for step in range(config.steps):
