@@ -323,11 +323,14 @@ class ClipRun:
 
 
 def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bool = False,
-                  log_every: int | None = None, cache_dir=None) -> ClipRun:
+                  log_every: int | None = None, cache_dir=None, checkpoint=None) -> ClipRun:
     """Train CLIP with InfoNCE and a learnable temperature, as section 3.1.1 teaches it.
 
     ``tokenizer`` defaults to the world's BPE (cached in ``cache_dir``) for a tiny model, or
-    the checkpoint's own tokenizer when ``recipe.checkpoint`` names one.
+    the checkpoint's own tokenizer when ``recipe.checkpoint`` names one. Under ``torchrun``
+    each of W ranks embeds its block of the batch and ``ClipLoss`` scores it against the
+    features gathered from all ranks (``distributed_info_nce_loss``): the loss of one process
+    on the whole batch. ``checkpoint``: a :class:`~companion.train.Checkpointing`.
     """
     import time
 
@@ -357,7 +360,8 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
     start = time.perf_counter()
     history = train(pair, pair, lambda step: sample_batch(data, recipe.batch_size, step,
                                                           seed=recipe.seed),
-                    config, after_step=lambda _: loss.clamp_(), device=device)
+                    config, after_step=lambda _: loss.clamp_(), device=device,
+                    checkpoint=checkpoint)
     return ClipRun(model, processor, tokenizer, loss, history, data,
                    time.perf_counter() - start)
 

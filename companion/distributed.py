@@ -39,12 +39,17 @@ from companion.losses.contrastive import (
     info_nce_loss,
 )
 
-__all__ = ["distributed_info_nce_loss", "gather_with_grad", "is_distributed"]
+__all__ = ["distributed_info_nce_loss", "gather_with_grad", "is_distributed", "rank_and_world"]
 
 
 def is_distributed() -> bool:
     """True when a default process group with more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the process group; ``(0, 1)`` without one (or with one rank)."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
 def _check_equal_shapes(tensor: torch.Tensor, name: str) -> None:

@@ -84,10 +84,12 @@ class DPOConfig:
 
 
 def train_dpo(policy, reference, data: PreferenceData, pad_id: int, config: DPOConfig,
-              device=None, log=print, progress: bool = False):
+              device=None, log=print, progress: bool = False, checkpoint=None):
     """Train ``policy`` (its trainable parameters) with DPO against the frozen ``reference``.
-    Returns the training history (loss, implicit-reward accuracy and margin per step)."""
-    from companion.train import TrainConfig, train
+    Returns the training history (loss, implicit-reward accuracy and margin per step).
+    Under ``torchrun`` each rank scores its block of the step's pairs (chosen and rejected
+    together); ``checkpoint``: a :class:`~companion.train.Checkpointing`."""
+    from companion.train import TrainConfig, share_of_rank, train
 
     average = config.loss_type == "ipo"
     ref_chosen, ref_rejected = reference_logps(reference, data, pad_id, average)
@@ -100,4 +102,7 @@ def train_dpo(policy, reference, data: PreferenceData, pad_id: int, config: DPOC
                                                       config.beta, config.loss_type,
                                                       config.label_smoothing),
                  lambda step: data.draw(config.batch_size, step, config.seed, pad_id),
-                 train_config, device=device, print_fn=log or (lambda _: None))
+                 train_config, device=device, print_fn=log or (lambda _: None),
+                 shard=lambda batch, rank, world: data.batch(
+                     share_of_rank(batch["rows"], rank, world).tolist(), pad_id),
+                 checkpoint=checkpoint)

@@ -132,6 +132,13 @@ class LlavaCollator:
         return batch
 
 
+def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The number of tokens a causal-LM loss averages over: labels not -100 after the shift
+    by one (Hugging Face's ``ForCausalLMLoss``). Under ``torchrun`` it weights each rank's
+    token-mean loss so that their combination is the token mean of the whole batch."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
 def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The seed's step: images and conversation tokens in, the assistant-only loss out.
 
@@ -478,11 +485,13 @@ def encode_file_data(records: Sequence[dict], image_folder, tokenizer, processor
 def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                 batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
                 log: Callable[[str], None] | None = print, parts: Sequence[str] | None = None,
-                warmup_fraction: float = 0.03, lr_scale: dict[str, float] | None = None):
+                warmup_fraction: float = 0.03, lr_scale: dict[str, float] | None = None,
+                checkpoint=None):
     """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`), or so that
     exactly ``parts`` learn when given, and train it on ``data`` with the assistant-only
     loss; returns the training history. ``lr_scale`` maps parameter-name prefixes to
-    learning-rate multipliers (e.g. ``{"model.vision_tower.": 0.1}``)."""
+    learning-rate multipliers (e.g. ``{"model.vision_tower.": 0.1}``); ``checkpoint`` a
+    :class:`~companion.train.Checkpointing` for mid-stage checkpoints."""
     from companion.stages import apply_stage, set_trainable
     from companion.train import TrainConfig, train
 
@@ -495,7 +504,8 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                          log_every=max(1, steps // 4) if log else 0, progress=progress)
     return train(model, lambda batch: instruction_tuning_step(model, batch),
                  lambda step: data.batch(batch_size, step, seed=seed, pad_id=pad_id),
-                 config, device=device, print_fn=log or (lambda _: None), lr_scale=lr_scale)
+                 config, device=device, print_fn=log or (lambda _: None), lr_scale=lr_scale,
+                 batch_weight=label_tokens, checkpoint=checkpoint)
 
 
 def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:

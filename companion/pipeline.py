@@ -19,7 +19,15 @@ to a temporary folder and renamed into place with a checksummed manifest only wh
 (:mod:`companion.artifacts`). So a rerun loads finished stages and resumes at the first
 missing one; a stage whose artifact is half-written or corrupted is detected, discarded and
 rebuilt, never loaded; and changing one stage's settings rebuilds that stage and the ones
-after it, not the ones before.
+after it, not the ones before. With ``checkpoint_every`` a stage also writes a checkpoint
+every that many steps, so a run killed in the middle of a long stage resumes inside it.
+
+The same function runs under ``torchrun``: every rank trains (see :func:`companion.train.train`),
+rank 0 alone writes the stage artifacts and checkpoints, and every rank waits at a barrier
+before it reads one. From the command line::
+
+    python -m companion pipeline run --profile gpu
+    torchrun --nproc_per_node 8 -m companion pipeline run --profile gpu
 """
 
 from __future__ import annotations
@@ -260,8 +268,13 @@ def stage_summary(config: PipelineConfig) -> list[dict]:
 
 # ----------------------------------------------------------------------------- stage builders
 
-def _history_file(folder: Path, steps: list[dict]) -> None:
-    (folder / "history.json").write_text(json.dumps(steps))
+def _history_file(folder: Path | None, steps: list[dict]) -> None:
+    if folder is not None:
+        (folder / "history.json").write_text(json.dumps(steps))
+
+
+# Every builder trains in every process of a torchrun launch but writes only where it gets a
+# folder: rank 0 gets the artifact's temporary folder, the other ranks None.
 
 
 def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
@@ -271,14 +284,17 @@ def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict)
         from companion.models import build_clip
 
         for part in build_clip(checkpoint=config.clip_checkpoint):
-            part.save_pretrained(folder)
+            if folder is not None:
+                part.save_pretrained(folder)
         return 0, 0
     steps = stage.steps(config.clip_scenes)
     recipe = ClipRecipe(seed=config.seed, tokenizer_scenes=config.tokenizer_scenes,
                         train_scenes=config.clip_scenes, batch_size=stage.batch_size,
                         steps=steps, lr=stage.lr, warmup_fraction=stage.warmup_fraction)
-    save_clip_run(pretrain_clip(recipe, tokenizer=ctx["tokenizer"], device=ctx["device"],
-                                log_every=0), folder)
+    run = pretrain_clip(recipe, tokenizer=ctx["tokenizer"], device=ctx["device"], log_every=0,
+                        checkpoint=ctx["checkpoint"])
+    if folder is not None:
+        save_clip_run(run, folder)
     return steps, config.clip_scenes
 
 
@@ -287,14 +303,17 @@ def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> 
 
     if config.lm_checkpoint:  # a pretrained LLM is the stage; its tokenizer gains <image>
         for part in build_lm(checkpoint=config.lm_checkpoint):
-            part.save_pretrained(folder)
+            if folder is not None:
+                part.save_pretrained(folder)
         return 0, 0
     steps = stage.steps(config.lm_scenes)
     recipe = LMRecipe(seed=config.seed, tokenizer_scenes=config.tokenizer_scenes,
                       scenes=config.lm_scenes, steps=steps, batch_size=stage.batch_size,
                       lr=stage.lr)
-    model, history = pretrain_lm(recipe, ctx["tokenizer"], device=ctx["device"])
-    model.save_pretrained(folder)
+    model, history = pretrain_lm(recipe, ctx["tokenizer"], device=ctx["device"],
+                                 checkpoint=ctx["checkpoint"])
+    if folder is not None:
+        model.save_pretrained(folder)
     _history_file(folder, history.steps)
     return steps, config.lm_scenes
 
@@ -338,8 +357,9 @@ def _build_llava_stage(config: PipelineConfig, stage: Stage, folder: Path, ctx: 
     history = train_stage(model, stage.name, data, steps, stage.lr, stage.batch_size,
                           config.seed, tokenizer.pad_token_id, ctx["device"], log=None,
                           parts=stage.trains, warmup_fraction=stage.warmup_fraction,
-                          lr_scale=lr_scale or None)
-    save_vlm(folder, model, processor, tokenizer)
+                          lr_scale=lr_scale or None, checkpoint=ctx["checkpoint"])
+    if folder is not None:
+        save_vlm(folder, model, processor, tokenizer)
     _history_file(folder, history.steps)
     return steps, len(data)
 
@@ -363,8 +383,9 @@ def _build_dpo(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) ->
     history = train_dpo(policy, reference, data, tokenizer.pad_token_id,
                         DPOConfig(beta=stage.beta, steps=steps, lr=stage.lr,
                                   batch_size=stage.batch_size, seed=config.seed),
-                        device=ctx["device"], log=None)
-    save_vlm(folder, policy, processor, tokenizer)
+                        device=ctx["device"], log=None, checkpoint=ctx["checkpoint"])
+    if folder is not None:
+        save_vlm(folder, policy, processor, tokenizer)
     _history_file(folder, history.steps)
     return steps, len(data)
 
@@ -373,19 +394,67 @@ _BUILDERS = {"vision": _build_vision, "lm": _build_lm, "stage1": _build_llava_st
              "stage2": _build_llava_stage, "dpo": _build_dpo}
 
 
-def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
-                 log: Callable[[str], None] | None = print) -> PipelineResult:
-    """Run (or resume) every stage of ``config`` in order; each stage's artifact lands in
-    ``run_dir``. Finished stages of an earlier run with the same settings are loaded, not
-    redone."""
-    from companion.artifacts import cached_artifact
+def _stage_artifact(run_dir: Path, name: str, key: dict, build: Callable) -> Path:
+    """``cached_artifact`` for every process of a run: alone, exactly that. Under torchrun
+    rank 0 decides whether the stage must be built (and tells the others), every rank
+    trains it, rank 0 alone writes the artifact, and all wait for it before reading."""
+    import torch.distributed as dist
+
+    from companion.artifacts import artifact_path, cached_artifact, verify_artifact
+    from companion.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return cached_artifact(run_dir, name, key, build, log=None)
+    final = artifact_path(run_dir, name, key)
+    dist.barrier()
+    done = [final.exists() and verify_artifact(final) is None] if rank == 0 else [None]
+    dist.broadcast_object_list(done, src=0)
+    if not done[0]:
+        if rank == 0:
+            cached_artifact(run_dir, name, key, build, log=None)
+        else:
+            build(None)  # train alongside rank 0; write nothing
+    dist.barrier()  # the artifact is complete before any rank reads it
+    return final
+
+
+def _shared_tokenizer(run_dir: Path, n_scenes: int):
+    """The world's tokenizer from ``run_dir``: trained and saved by rank 0 first, then read
+    by the other ranks (one process: simply ``world_tokenizer``)."""
+    import torch.distributed as dist
+
+    from companion.distributed import rank_and_world
     from companion.tokenizer import world_tokenizer
 
+    rank, world = rank_and_world()
+    tokenizer = world_tokenizer(run_dir, n_scenes=n_scenes, log=None) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    if tokenizer is None:  # rank 0's, read from the run folder
+        tokenizer = world_tokenizer(run_dir, n_scenes=n_scenes, log=None)
+    return tokenizer
+
+
+def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
+                 log: Callable[[str], None] | None = print,
+                 checkpoint_every: int | None = None) -> PipelineResult:
+    """Run (or resume) every stage of ``config`` in order; each stage's artifact lands in
+    ``run_dir``. Finished stages of an earlier run with the same settings are loaded, not
+    redone. ``checkpoint_every``: also checkpoint a stage every that many optimiser steps
+    (in ``run_dir/.checkpoints``, removed when the stage is done), so that a run killed in
+    the middle of a stage resumes there, to the weights an uninterrupted run reaches.
+    Under torchrun every rank calls this alike; only rank 0 writes and logs."""
+    from companion.artifacts import artifact_path
+    from companion.distributed import rank_and_world
+    from companion.train import Checkpointing
+
     run_dir = Path(run_dir)
+    rank = rank_and_world()[0]
+    log = log if rank == 0 else None
     result = PipelineResult(config)
     ctx: dict = {"device": device,
-                 "tokenizer": world_tokenizer(run_dir, n_scenes=config.tokenizer_scenes,
-                                              log=None)}
+                 "tokenizer": _shared_tokenizer(run_dir, config.tokenizer_scenes)}
 
     def load_vlm_for(name: str):
         """The VLM a stage starts from: assembled from vision + lm for stage 1, else the
@@ -411,14 +480,23 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
     for index, stage in enumerate(config.stages):
         start = time.perf_counter()
         steps = []  # filled only when the stage is built, not when it is loaded
+        name, key = f"{index}-{stage.name}", config.key_for(index)
+        checkpoint = None
+        if checkpoint_every:  # named after the artifact: other settings, another checkpoint
+            path = run_dir / ".checkpoints" / f"{artifact_path(run_dir, name, key).name}.pt"
+            checkpoint = Checkpointing(path, checkpoint_every)
+        ctx["checkpoint"] = checkpoint
 
         def build(folder, stage=stage):
             taken, examples = _BUILDERS[stage.name](config, stage, folder, ctx)
-            (folder / "stage.json").write_text(json.dumps({"steps": taken, "examples": examples}))
+            if folder is not None:
+                (folder / "stage.json").write_text(json.dumps({"steps": taken,
+                                                               "examples": examples}))
             steps.append(taken)
 
-        folder = cached_artifact(run_dir, f"{index}-{stage.name}", config.key_for(index), build,
-                                 log=None)
+        folder = _stage_artifact(run_dir, name, key, build)
+        if checkpoint is not None and rank == 0:
+            Path(checkpoint.path).unlink(missing_ok=True)  # the stage's artifact replaces it
         seconds = time.perf_counter() - start
         done = json.loads((folder / "stage.json").read_text())
         result.stages.append(StageResult(stage.name, folder, bool(steps), seconds,

@@ -164,11 +164,13 @@ class LMRecipe:
         return asdict(self)
 
 
-def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0):
-    """Train a tiny LM on text-only conversations; returns ``(model, history)``."""
+def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
+                checkpoint=None):
+    """Train a tiny LM on text-only conversations; returns ``(model, history)``.
+    ``checkpoint``: a :class:`~companion.train.Checkpointing` for mid-run checkpoints."""
     from companion.train import TrainConfig, train
 
-    from companion.instruction import grouped_rows, pad_examples
+    from companion.instruction import grouped_rows, label_tokens, pad_examples
     from companion.tokenizer import encode_chat
 
     model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
@@ -191,7 +193,8 @@ def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0):
 
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=0.0,
                          warmup_fraction=0.05, log_every=log_every)
-    history = train(model, loss_fn, next_batch, config, device=device)
+    history = train(model, loss_fn, next_batch, config, device=device, batch_weight=label_tokens,
+                    checkpoint=checkpoint)
     return model, history
 
 

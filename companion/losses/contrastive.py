@@ -275,7 +275,21 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         positive_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of [N, D] image and text features (see ``info_nce_loss``)."""
+        """Loss of [N, D] image and text features (see ``info_nce_loss``).
+
+        Under ``torchrun`` (a process group of more than one rank) the features are this
+        rank's share and the loss is ``distributed_info_nce_loss``: local rows against the
+        columns gathered from every rank, so W ranks see W times the negatives of one.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1):
+            from companion.distributed import distributed_info_nce_loss
+
+            if positive_ids is not None:
+                raise ValueError("multi-positive targets (positive_ids) are not gathered "
+                                 "across ranks; train the multi-positive loss in one process")
+            return distributed_info_nce_loss(image_features, text_features, 1.0 / self.scale,
+                                             normalize=self.normalize)
         return info_nce_loss(
             image_features,
             text_features,
