@@ -2,7 +2,9 @@
 # Install what the tests need and run them all: unit tests (two workers), then the notebooks
 # under nbval against their committed outputs and every chapter through papermill (smoke
 # profile), one at a time: kernels started side by side under xdist were seen to hang;
-# then the browser tests (the rendered chapter in headless Chromium, a notebook in JupyterLab).
+# after them, in the same session, the metrics the nbval run wrote against the reference
+# bands (tests/test_metric_bands.py); then the browser tests (the rendered chapter in
+# headless Chromium, a notebook in JupyterLab).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,5 +15,6 @@ run() { python -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] || exit "$rc"; }; }
 run -n 2 --dist loadfile -m "not notebook and not browser" tests "$@"
 run \
     --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-    --nbval-cell-timeout 1200 --durations=12 tests/test_notebooks.py notebooks "$@"
+    --nbval-cell-timeout 1200 --durations=12 tests/test_notebooks.py notebooks \
+    tests/test_metric_bands.py "$@"
 run -m browser tests/test_browser.py "$@"
