@@ -173,7 +173,7 @@ print(source[source.index("    loss = ClipLoss()"):source.index("    return Clip
 # It builds the same model from the same seed as above (so the "before" matrix is its
 # starting point), renders and tokenises the training scenes, and trains:
 
-# %%
+# %% tags=["trained-figures"]
 run = pretrain_clip(recipe, tokenizer, device=dev, progress=progress)
 model, clip_loss, history, train_data = run.model, run.loss, run.history, run.train_data
 train_seconds = run.seconds
@@ -198,7 +198,7 @@ plt.show()
 # sharper distributions, and a sharper softmax gives lower loss on pairs it already ranks
 # correctly.
 
-# %%
+# %% tags=["trained-figures"]
 final = evaluate_retrieval(model, test_data)
 metrics.update({f"heldout_{k}": v for k, v in final.items()})
 metrics["final_temperature"] = clip_loss.temperature
@@ -216,7 +216,7 @@ print("held-out retrieval after training:", {k: round(v, 3) for k, v in final.it
 #
 # ## After training: the diagonal lights up
 
-# %%
+# %% tags=["trained-figures"]
 after = similarity_matrix(model, show_batch)
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 similarity_heatmap(before, "Before training", ax=axes[0], vmin=-1, vmax=1)
@@ -247,7 +247,7 @@ from companion.widgets import temperature_slider
 
 slider = temperature_slider(after, rows=4)
 
-# %%
+# %% tags=["trained-figures"]
 for tau in (1.0, 0.07, 0.01):
     probs = torch.softmax(after.double() / tau, dim=1)
     print(f"τ = {tau:<5} mean p(positive) = {probs.diag().mean().item():.3f}")
@@ -263,7 +263,7 @@ fig = plot_row_softmax(after, 0.07, rows=4)
 # over its 80 templates); the alternative scores a class by its best prompt. Which works
 # depends on how much the prompts differ in things other than the class:
 
-# %%
+# %% tags=["trained-figures"]
 from companion.clip import zero_shot_prompts
 from companion.world import SHAPES
 
@@ -291,7 +291,7 @@ for reduction in ("mean", "max"):
 # number of steps at several batch sizes and measure held-out R@1. (A larger batch also shows
 # the model more pairs per step, so this mixes two effects, as CLIP's own recipe does.)
 
-# %%
+# %% tags=["trained-figures"]
 def short_run(batch, steps, loss_module=None, multi_positive=False, phrasing="random",
               run_seed=seed):
     """Train a fresh tiny CLIP for `steps` at batch size `batch`; return (model, history)."""
@@ -324,7 +324,7 @@ fig = plot_bars({f"N = {k}": v for k, v in batch_results.items()},
 # inflating norms instead of aligning directions, and τ no longer controls how sharp the
 # softmax is. The same run as N = 64 above, with `normalize=False`:
 
-# %%
+# %% tags=["trained-figures"]
 raw_model, raw_hist = short_run(64, experiment_steps, loss_module=ClipLoss(normalize=False))
 raw_r1 = evaluate_retrieval(raw_model, test_data)["i2t_R@1"]
 with torch.no_grad():
@@ -345,7 +345,7 @@ print(f"unnormalised features: held-out i2t R@1 = {raw_r1:.3f}; image feature no
 # share it: we train on that phrasing only, once with the plain target and once with the
 # multi-positive target, which spreads each row's target over every identical caption.
 
-# %%
+# %% tags=["trained-figures"]
 SHORT = 1  # index of the "N shapes: ..." phrasing, which omits positions
 probe = sample_batch(train_data, batch_size, step=0, seed=seed, phrasing=SHORT)
 ids = probe["caption_ids"]
@@ -367,7 +367,7 @@ print(f"multi-positive minus plain: {change:+.3f} R@1, with {shared} duplicate c
 # On a single batch, with the main model: the plain loss charges the model for the mass it
 # puts on duplicates; the multi-positive loss does not.
 
-# %%
+# %% tags=["trained-figures"]
 with torch.no_grad():
     from companion.clip import text_embeddings
     probe_img = image_embeddings(model, probe["pixel_values"].to(dev)).float()
@@ -388,7 +388,7 @@ print(f"plain InfoNCE {plain:.4f}, multi-positive {multi:.4f}")
 # %%
 print(inspect.getsource(siglip_loss))
 
-# %%
+# %% tags=["trained-figures"]
 sig_hist_module = SiglipLoss()
 sig_model, sig_hist = short_run(64, experiment_steps, loss_module=sig_hist_module)
 sig_r1 = evaluate_retrieval(sig_model, test_data)["i2t_R@1"]
@@ -446,7 +446,7 @@ print(f"plain {plain_value:.6f}, tiled {tiled_value:.6f} (N = 1000, tiles of 128
 #
 # Measured in this run (the numbers above, also written to the metrics file):
 
-# %%
+# %% tags=["trained-figures"]
 write_metrics("3.1.1", metrics, output_dir)
 print(f"held-out image→text R@1 {metrics['heldout_i2t_R@1']:.3f} (before training "
       f"{metrics['initial_i2t_R@1']:.3f}), R@5 {metrics['heldout_i2t_R@5']:.3f}; "

@@ -168,7 +168,7 @@ fig = show_images([render_scene(test_scene_list[p[0]], 128) for p in pairs[:4]],
 # A model *prefers* the true caption when it scores it higher than its false twin. For CLIP
 # the score is the cosine similarity of the two embeddings; chance is 0.5:
 
-# %%
+# %% tags=["trained-figures"]
 clip_fine = evaluate_fine_grained(clip, None, tokenizer, test_data.pixel_values, pairs)
 metrics["fine_grained_contrastive"] = {c: clip_fine[f"contrastive_{c}"] for c in CHANGES}
 metrics["fine_grained_contrastive"]["all"] = clip_fine["contrastive"]
@@ -247,7 +247,7 @@ for i in range(3):
 # number of steps on the same scenes. The loop is the chapter's `train`; `train_itm` only
 # makes the batches and the loss (`itm_loss`, two-way cross-entropy):
 
-# %%
+# %% tags=["trained-figures"]
 def stage(model, negatives, n_steps, stage_seed):
     config = TrainConfig(steps=n_steps, lr=lr, weight_decay=0.01,
                          log_every=max(1, n_steps // 2), progress=progress)
@@ -288,7 +288,7 @@ fig = plot_curves({"first stage (random)": warm_history.series("loss"),
 # ITM gives the true caption a higher P(match) than its one-fact-changed twin, as for CLIP
 # above.
 
-# %%
+# %% tags=["trained-figures"]
 results = {}
 for name, model in models.items():
     random_pairs = evaluate_itm(model, test_data, seed=seed, truth=test_truth)
@@ -338,7 +338,7 @@ fig.tight_layout()
 # distinct caption of the held-out scenes, with the ITM log-odds alone and with the
 # contrastive logit added:
 
-# %%
+# %% tags=["trained-figures"]
 for name, model in models.items():
     alone = rerank(clip, model, test_data, k=rerank_k)
     combined = rerank(clip, model, test_data, k=rerank_k, itc_temperature=rerank_itc_temperature)
@@ -358,7 +358,7 @@ for name, model in models.items():
 #
 # ## Summary
 
-# %%
+# %% tags=["trained-figures"]
 metrics.update({"train_steps": {"warm": warm_steps, "second_stage": steps},
                 "batch_size": batch_size, "pool_size": pool_size,
                 "mining_temperature": mining_temperature})

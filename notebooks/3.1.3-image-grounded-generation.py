@@ -151,7 +151,7 @@ print(f"{len(train_list)} training images with captions, {len(test_list)} held-o
 # recall the share of the scene's facts that were stated, and a caption *hallucinates* when
 # it mentions something that is not there.
 
-# %%
+# %% tags=["trained-figures"]
 def judge(pixels, scenes, **kwargs):
     captions = []
     for start in range(0, len(scenes), 64):
@@ -167,7 +167,7 @@ print({k: round(v, 3) for k, v in before.items()})
 # %% [markdown]
 # ## Training
 
-# %%
+# %% tags=["trained-figures"]
 def next_batch(step):
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     rows = torch.randint(len(train_list), (batch_size,), generator=generator)
@@ -192,7 +192,7 @@ fig = plot_curves({"caption loss": history.series("loss")},
 # softmax at a temperature, which gives varied captions and, at this model size, more
 # mistakes.
 
-# %%
+# %% tags=["trained-figures"]
 after_captions, after = judge(test_pixels, test_list)
 sampled_captions, sampled = judge(test_pixels, test_list, do_sample=True,
                                   temperature=sample_temperature, seed=seed)
@@ -218,7 +218,7 @@ fig = show_images([render_scene(test_list[i], 128) for i in shown], labels, colu
 #
 # Measured in this run (also written to the metrics file):
 
-# %%
+# %% tags=["trained-figures"]
 metrics.update({"train_steps": steps, "f1_before": before["f1"], "f1_after": after["f1"],
                 "hallucination_after": after["hallucination_rate"]})
 write_metrics("3.1.3", metrics, output_dir)

@@ -269,7 +269,7 @@ def score(name):
 # The assembled model has a random projector: the LM receives 36 vectors it has never seen
 # where it expects a description. What does it say?
 
-# %%
+# %% tags=["nbval-ignore-output"]
 before = score("before")
 for answer in before.answers[:3]:
     print(f"Q: {answer['question']}\nA: {answer['answer']!r}\n   (reference: {answer['reference']!r})")
@@ -282,7 +282,7 @@ print(f"mean task accuracy {metrics['before_mean_task_accuracy']:.3f}")
 # description of the scene in front of it. (Grounding asks for a box, which that sentence
 # does not contain.)
 
-# %%
+# %% tags=["trained-figures"]
 text_only = None
 if not vlm_checkpoint:  # (a LLaVA checkpoint brings no separate LM to ask)
     text_records = [{**r, "conversations": c}
@@ -302,7 +302,7 @@ if not vlm_checkpoint:  # (a LLaVA checkpoint brings no separate LM to ask)
 # must learn to produce vision tokens that the frozen LM reads like a description of the
 # image. Here: description records, projector only.
 
-# %%
+# %% tags=["trained-figures"]
 stage1 = run_stage("stage1", train_captions, stage1_steps, stage1_lr)
 after1 = score("stage1")
 
@@ -315,7 +315,7 @@ after1 = score("stage1")
 # folds them into the weights afterwards: `companion.lora`. LLaVA-1.5 publishes such a LoRA
 # variant, rank 128.)
 
-# %%
+# %% tags=["trained-figures"]
 if lora_rank:  # adapters on the LM's linear layers learn; its own weights stay frozen
     adapter_count = add_lora(vlm, LoraSettings(rank=lora_rank, alpha=2 * lora_rank))
     print(f"LoRA rank {lora_rank}: {adapter_count / 1e6:.3f} M adapter parameters")
@@ -337,7 +337,7 @@ plot_curves({"stage 2": stage2.series("loss")}, "Stage 2: projector + LM", ylabe
             ax=axes[2], smooth=10)
 plt.show()
 
-# %%
+# %% tags=["nbval-ignore-output"]
 table1, table2, table0 = after1.by_task(), after2.by_task(), before.by_task()
 table_text = text_only.by_task() if text_only else {}
 rows = [("task", "text LM", "before", "stage 1", "stage 2", "hallucinations (stage 2)")]
@@ -413,7 +413,7 @@ plt.show()
 # attribute is right if the description states the right value at that cell (an object left
 # out is wrong on all three).
 
-# %%
+# %% tags=["trained-figures"]
 token_gigabytes = 4 * probe_scenes * n_image_tokens * vlm.config.text_config.hidden_size / 1e9
 run_probe = probe_scenes > 0 and token_gigabytes < 4
 if probe_scenes and not run_probe:  # (a real LLaVA: 576 tokens of width 4096 per image)
@@ -467,7 +467,7 @@ if run_probe:
 # stronger probe, or more scenes to train it, could read more). Both readings are printed
 # below.
 
-# %%
+# %% tags=["trained-figures"]
 if run_probe:
     attributes = PROBE_ATTRIBUTES[1:]
     lost = min(attributes, key=lambda a: read_by_probe[a])
@@ -483,7 +483,7 @@ if run_probe:
 #
 # The model's own answers stay in the context: each question follows what it said before.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 chat_scene = test_scene_list[1]
 questions = ["<image>\nDescribe the image.", "How many objects are there?",
              "Where is the " + chat_scene.objects[0].shape + "?",
@@ -505,7 +505,7 @@ fig = show_images([render_scene(chat_scene, 160)], ["the held-out image of this 
 #
 # Measured in this run (also written to the metrics file):
 
-# %%
+# %% tags=["trained-figures"]
 write_metrics("3.2", metrics, output_dir)
 world_run = not (vlm_checkpoint or lm_checkpoint or clip_checkpoint or train_json or lora_rank)
 if world_run:  # later sections (RLHF, DPO) start from this model

@@ -97,7 +97,7 @@ pad = tokenizer.pad_token_id
 # nothing and are dropped. A fifth of the scenes are held out: their pairs only measure the
 # reward model.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 start = time.perf_counter()
 records = preference_records(cache_dir, recipe, device=dev, log=None)
 seconds["sample and label (or load)"] = time.perf_counter() - start
@@ -173,7 +173,7 @@ plt.show()
 # scored on the held-out pairs, where 0.5 is chance. A free baseline sits beside them: the
 # 3.2 model's own log-likelihood of each reply (no training at all).
 
-# %%
+# %% tags=["trained-figures"]
 train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id,
                              image_folder=recipe.image_root)  # files, when preference_json
 heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id,
@@ -253,7 +253,7 @@ plt.show()
 # of the *training* labels at random and train the seed's reward model again; the
 # held-out pairs keep the clean labels.
 
-# %%
+# %% tags=["trained-figures"]
 start = time.perf_counter()
 noise_accuracy = {}
 for noise in noise_levels:
@@ -286,7 +286,7 @@ plt.show()
 # that DPO (3.3.3) builds on. Notebook 3.3.2 runs PPO against this reward model anyway and
 # shows what an imperfect reward model does to a policy that optimises it.
 
-# %%
+# %% tags=["trained-figures"]
 write_metrics("3.3.1", metrics, output_dir)
 for key, value in metrics.items():
     print(f"{key}: {value if not isinstance(value, float) else round(value, 4)}")

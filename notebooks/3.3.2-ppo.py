@@ -107,7 +107,7 @@ texts = [p["prompt"] for p in prompts]
 # the answer through the value head (still untrained here: all values are 0, so with γ = 1
 # each token's advantage is the discounted sum of what follows).
 
-# %%
+# %% tags=["trained-figures"]
 policy = PolicyWithValueHead(sft)
 batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], max_new_tokens, seed=seed)
 with torch.no_grad():
@@ -140,7 +140,7 @@ plt.show()
 # epochs of two minibatch steps. The judge also scores every rollout, but only for *us*:
 # the policy only ever sees the reward model. The trained policy is cached for 3.3.3.
 
-# %%
+# %% tags=["trained-figures"]
 start = time.perf_counter()
 ppo_vlm, history = ppo_policy(cache_dir, recipe, device=dev, log=None)
 seconds["PPO (trained or loaded)"] = time.perf_counter() - start
@@ -160,7 +160,7 @@ for key in ("reward", "kl", "length", "utility", "hallucinated"):
 # The KL term is what keeps the policy from chasing the reward model into regions where the
 # reward model is wrong. With β = 0 nothing holds it back. Same run, β = 0:
 
-# %%
+# %% tags=["trained-figures"]
 start = time.perf_counter()
 free_vlm, free_history = run_ppo(recipe, sft, reward, tokenizer, processor, kl_coef=0.0,
                                  device=dev)
@@ -195,7 +195,7 @@ plt.show()
 # 3.2; the reward model's mean score of the first answers; and the KL from the reference per
 # sampled answer.
 
-# %%
+# %% tags=["trained-figures"]
 start = time.perf_counter()
 heldout = heldout_prompts(recipe, test_scenes, processor, image_size)
 rows, judged = {}, {}
@@ -228,7 +228,7 @@ metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
 # rate fell by more than two standard errors while mean task accuracy lost at most 2
 # points; a smaller fall is noise as far as this many questions can tell.
 
-# %%
+# %% tags=["trained-figures"]
 sft_row = rows["SFT (3.2)"]
 versus_sft = versus_reference_model(judged, base="SFT (3.2)")
 for name, change in versus_sft.items():

@@ -65,7 +65,7 @@ lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of thi
 # %% [markdown]
 # ## Setup
 
-# %%
+# %% tags=["trained-figures"]
 import copy
 import time
 
@@ -133,7 +133,7 @@ plt.show()
 # loss, the *implicit rewards* β·(log π − log π_ref) of chosen and rejected replies, the
 # share of pairs where the chosen one's implicit reward is higher, and their margin.
 
-# %%
+# %% tags=["trained-figures"]
 def dpo_run(loss_type, beta):
     policy = copy.deepcopy(sft)
     if lora_rank:  # only adapters learn in the LM (the reference stays the untouched SFT)
@@ -190,7 +190,7 @@ plt.show()
 # 3.2 played as a chat and judged; the reward model's mean score of the first answers; the
 # KL from the reference per sampled answer.
 
-# %%
+# %% tags=["trained-figures"]
 start = time.perf_counter()
 reward, _ = reward_model(cache_dir, recipe, device=dev, log=None)
 ppo_vlm, _ = ppo_policy(cache_dir, recipe, device=dev, log=None)
@@ -219,7 +219,7 @@ metrics["heldout"] = table
 # those two standard errors: a bar whose whisker crosses zero is a change this many
 # questions cannot tell from noise.
 
-# %%
+# %% tags=["trained-figures"]
 versus_sft = versus_reference_model(judged, base="SFT (3.2)")
 for name, change in versus_sft.items():
     metrics[f"{name}_verdict"] = change["verdict"]

@@ -165,7 +165,7 @@ for ax, stage in zip(axes, result.stages):
                 ax=ax, smooth=10)
 plt.show()
 
-# %%
+# %% tags=["trained-figures"]
 test_scene_list = make_scenes(test_scenes, seed=seed + 3, start_id=40_000_000)
 test_by_id = {s.scene_id: s for s in test_scene_list}
 test_records = make_instruction_dataset(test_scene_list, seed=seed + 3)
@@ -210,7 +210,7 @@ plt.show()
 # difference is *paired*: we report it with its standard error and call it an effect only
 # beyond two standard errors. The stages before the change load from the run folder.
 
-# %%
+# %% tags=["trained-figures"]
 control = scores["stage2"]
 s1, s2 = result.stage("stage1"), result.stage("stage2")
 stage2 = config.stage("stage2")
@@ -258,7 +258,7 @@ print(f"control: stage 1 {s1.steps} steps, stage 2 {s2.steps} steps on {s2.examp
 # projector is still random and feeds the LM noise. To be fair in compute, the arm's single
 # stage takes as many steps as stage 1 and stage 2 together, on stage 2's data.
 
-# %%
+# %% tags=["trained-figures"]
 if run_tricks:
     all_at_once = pipeline_upto_stage2.without_stage("stage1").with_stage(
         "stage2", epochs=(s1.steps + s2.steps) * stage2.batch_size / s2.examples)
@@ -289,7 +289,7 @@ if run_tricks:
 # the CLIP it came from and measure held-out image→text retrieval (3.1.1's R@1), and how far
 # its weights moved.
 
-# %%
+# %% tags=["trained-figures"]
 if run_tricks:
     clip = CLIPModel.from_pretrained(result.folder("vision")).to(dev)  # with CLIP's own
     retrieval_data = build_caption_data(                                 # tokenizer and processor
@@ -326,7 +326,7 @@ if run_tricks:
 # type is seen as often as in the control). Which answers suffer: only the dropped type's,
 # or others too?
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if run_tricks:
     name = f"without {dropped_task}"
     run_arm(name, pipeline_upto_stage2.with_stage(
@@ -356,7 +356,7 @@ if run_tricks:
 # alt-text written for a different photo: the answer is fluent and confidently wrong about
 # the picture it is paired with).
 
-# %%
+# %% tags=["trained-figures"]
 if run_tricks:
     clean, noisy = f"clean {clean_fraction:.0%} of scenes", f"all scenes, {noisy_fraction:.0%} wrong images"
     run_arm(clean, pipeline_upto_stage2.with_stage(
@@ -381,7 +381,7 @@ if run_tricks:
 # pools every judged answer; the verdict needs a change beyond two standard errors of the
 # paired difference.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if run_tricks:
     print(f"{'trick':>24} {'arm':>28} {'correct':>8} {'change':>15} {'hallucinating':>14} "
           f"{'change':>15}  verdict")
@@ -406,7 +406,7 @@ if run_tricks:
 # What the experiments say, computed from the table (one seed, one scale: a "no clear
 # effect" here is a statement about this world and these sizes, not about LLaVA):
 
-# %%
+# %% tags=["nbval-ignore-output"]
 if run_tricks:
     by_arm = {row["arm"]: row for row in trick_rows}
     for trick in dict.fromkeys(row["trick"] for row in trick_rows):
@@ -431,7 +431,7 @@ if run_tricks:
 for name, run in trick_runs.items():
     print(f"{name:>28}: rebuilt {run['rebuilt']} in {run['seconds']:.0f} s")
 
-# %%
+# %% tags=["trained-figures"]
 write_metrics("3.4", metrics, output_dir)
 print(f"stage 2 mean task accuracy {metrics['stage2']['mean_task_accuracy']:.3f}, after DPO "
       f"{metrics['dpo']['mean_task_accuracy']:.3f}; {len(trick_rows)} trick arms measured")

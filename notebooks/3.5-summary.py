@@ -52,7 +52,7 @@ print("chapters not run yet:", [c for c, m in loaded.items() if m is None] or "n
 # matching (3.1.2) and the whole pipeline (3.4). Every number is read from a metrics file;
 # the last column says which.
 
-# %%
+# %% tags=["trained-figures"]
 rows = summary_rows(metrics_dir)
 previous = None
 for row in rows:
@@ -70,7 +70,7 @@ print(f"\n{measured} of {len(rows)} figures measured in this run")
 # and hallucination rate on the same held-out records, from "LM and CLIP bolted together"
 # to the preference-tuned policies:
 
-# %%
+# %% tags=["trained-figures"]
 path = [("assembled (3.2)", "3.2", "before_mean_task_accuracy", "before_hallucination_rate"),
         ("stage 1 (3.2)", "3.2", "stage1_mean_task_accuracy", "stage1_hallucination_rate"),
         ("stage 2 (3.2)", "3.2", "stage2_mean_task_accuracy", "stage2_hallucination_rate"),
@@ -104,7 +104,7 @@ if points:
 # measure each preference-tuned policy against the SFT model answer by answer, on the same
 # held-out questions; their verdicts, with the standard errors, are:
 
-# %%
+# %% tags=["trained-figures"]
 for chapter in ("3.3.2", "3.3.3"):
     changes = (loaded.get(chapter) or {}).get("versus_sft")
     if not changes:
@@ -120,7 +120,7 @@ for chapter in ("3.3.2", "3.3.3"):
 # %% [markdown]
 # ## The training tricks, as measured in 3.4
 
-# %%
+# %% tags=["nbval-ignore-output"]
 tricks = (loaded.get("3.4") or {}).get("tricks", [])
 for row in tricks:
     print(f"{row['trick']:>24} | {row['arm']:<30} answers correct {row['accuracy_change']:+.3f} "

@@ -1,0 +1,150 @@
+"""The trained figures, guarded within measured bands (``companion/bands.py``).
+
+Two kinds of tests:
+
+- unit tests of the band logic (how a band is made from variation runs, what a check
+  reports, the reference file's validation);
+- ``test_chapter_metrics_within_bands``: after nbval has executed a notebook at its default
+  parameters in this same pytest session, the metrics JSON it wrote must lie inside the bands
+  of ``tests/reference_metrics.json``. ``scripts/test.sh`` collects this file after the
+  notebooks, so these run last; collected without the notebooks they skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from companion.bands import (Band, BandError, check_metrics, flatten_metrics, load_reference,
+                             make_band, make_bands, save_reference)
+from companion.book import load_book, metrics_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = load_book(ROOT / "book.toml")
+NBVAL_OUTPUT_DIR = ROOT / "build" / "interactive"  # the notebooks' default output_dir
+
+
+# --- the band logic ---------------------------------------------------------------------------
+
+def test_flatten_keeps_numbers_and_drops_curves_strings_flags_and_times():
+    metrics = {"acc": 0.5, "n": 3, "nested": {"kl": 1.25, "deep": {"x": -2}},
+               "curve": [0.1, 0.2], "name": "DPO", "ok": True, "train_seconds": 12.0,
+               "stage2": {"wall_seconds": 3.0}, "final_temperature": 0.01}
+    assert flatten_metrics(metrics) == {"acc": 0.5, "n": 3.0, "nested/kl": 1.25,
+                                        "nested/deep/x": -2.0, "final_temperature": 0.01}
+
+
+def test_band_is_the_reference_plus_minus_factor_times_the_largest_deviation():
+    band = make_band(0.50, [0.47, 0.52], factor=3.0, floor_fraction=0.0)
+    assert band.low == pytest.approx(0.50 - 0.09) and band.high == pytest.approx(0.50 + 0.09)
+    assert band.contains(0.42) and not band.contains(0.40) and not band.contains(0.60)
+
+
+def test_band_has_a_floor_for_metrics_that_moved_only_a_little():
+    band = make_band(0.9, [0.9001], factor=3.0, floor_fraction=0.02)
+    assert band.high - band.reference == pytest.approx(0.02)  # fractions: scale 1
+    big = make_band(200.0, [200.5], factor=3.0, floor_fraction=0.02)
+    assert big.high - big.reference == pytest.approx(0.02 * 200.5)  # scale: the value
+
+
+def test_a_metric_no_variation_moved_must_match_exactly():
+    band = make_band(300.0, [300.0, 300.0])
+    assert band.exact and band.contains(300.0) and not band.contains(300.0001)
+
+
+def test_nan_everywhere_is_an_exact_nan_band_and_nan_somewhere_is_refused():
+    band = make_band(math.nan, [math.nan])
+    assert band.contains(math.nan) and not band.contains(0.0)
+    with pytest.raises(BandError, match="NaN in some runs"):
+        make_band(0.5, [math.nan])
+
+
+def test_impossible_band_parameters_are_refused():
+    with pytest.raises(BandError, match="at least one variation"):
+        make_band(0.5, [])
+    with pytest.raises(BandError, match="factor=0.5 must be at least 1"):
+        make_band(0.5, [0.4], factor=0.5)
+
+
+def test_make_bands_names_the_chapter_and_metric_a_variation_lacks():
+    with pytest.raises(BandError, match=r"chapter 3.2: metric 'b' .* variation run 0"):
+        make_bands({"3.2": {"a": 1.0, "b": 2.0}}, [{"3.2": {"a": 1.1}}])
+    with pytest.raises(BandError, match="no metrics for chapter 3.2"):
+        make_bands({"3.2": {"a": 1.0}}, [{"3.1.1": {"a": 1.0}}])
+
+
+def test_check_reports_outside_missing_and_unreferenced_metrics():
+    bands = {"acc": make_band(0.5, [0.48], floor_fraction=0.0),
+             "n": make_band(10.0, [10.0])}
+    assert check_metrics("3.2", {"acc": 0.53, "n": 10}, bands) == []
+    problems = check_metrics("3.2", {"acc": 0.60, "extra": 1.0}, bands)
+    assert len(problems) == 3
+    assert "3.2: acc = 0.6 is outside [0.44, 0.56]" in problems[0]
+    assert "metric 'n' is missing" in problems[1]
+    assert "metric 'extra' = 1 has no reference value" in problems[2]
+    assert check_metrics("3.2", {"acc": 0.5, "n": 11}, bands) == [
+        "3.2: n = 11 is outside exactly 10 (the same in every variation run)"]
+
+
+def test_reference_file_round_trip_and_validation(tmp_path):
+    bands = make_bands({"3.1.1": {"r1": 0.91, "steps": 1800}},
+                       [{"3.1.1": {"r1": 0.89, "steps": 1800}}])
+    path = save_reference(tmp_path / "ref.json", bands, [{"name": "a"}], 3.0, 0.02, "how")
+    assert load_reference(path) == bands
+    data = json.loads(path.read_text())
+    data["chapters"]["3.1.1"]["r1"]["low"] = 0.95  # the reference outside its own band
+    path.write_text(json.dumps(data))
+    with pytest.raises(BandError, match="lies outside its own band"):
+        load_reference(path)
+    path.write_text("{}")
+    with pytest.raises(BandError, match="not a reference file"):
+        load_reference(path)
+    with pytest.raises(BandError, match="no reference file"):
+        load_reference(tmp_path / "missing.json")
+
+
+# --- the committed reference file --------------------------------------------------------------
+
+def test_the_committed_reference_covers_every_chapter_and_says_how_it_was_made():
+    bands = load_reference()
+    assert set(bands) == {c.id for c in BOOK.chapters}
+    data = json.loads((ROOT / "tests" / "reference_metrics.json").read_text())
+    assert "variation" in data["how"] and data["runs"][0]["role"] == "reference"
+    assert all(r["changed"] for r in data["runs"][1:]), "say what each variation run changed"
+    for chapter, metrics in bands.items():
+        assert metrics, f"chapter {chapter} has no banded metric"
+        for key, band in metrics.items():
+            assert isinstance(band, Band) and len(band.runs) == len(data["runs"]) - 1, key
+
+
+def test_the_lessons_headline_figures_are_banded_not_exact():
+    """The figures the chapter's lessons rest on moved between the variation runs, so they are
+    checked within a band (and that band excludes what a broken change gives, e.g. CLIP that
+    learned nothing)."""
+    bands = load_reference()
+    clip = bands["3.1.1"]["heldout_i2t_R@1"]
+    assert not clip.exact and not clip.contains(bands["3.1.1"]["initial_i2t_R@1"].reference)
+    stage2 = bands["3.2"]["stage2_mean_task_accuracy"]
+    assert not stage2.exact and not stage2.contains(bands["3.2"]["stage1_mean_task_accuracy"].reference)
+
+
+# --- the nbval run's metrics against the reference ---------------------------------------------
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter_id", [c.id for c in BOOK.chapters])
+def test_chapter_metrics_within_bands(chapter_id, request):
+    chapter = next(c for c in BOOK.chapters if c.id == chapter_id)
+    ran = getattr(request.config, "companion_nbval_notebooks", set())
+    if chapter.notebook.name not in ran:
+        pytest.skip(f"nbval did not execute {chapter.notebook.name} in this session (collect "
+                    "the notebooks before this file, as scripts/test.sh does)")
+    path = metrics_path(NBVAL_OUTPUT_DIR, chapter_id)
+    assert path.is_file(), f"{path}: nbval ran {chapter.notebook.name} but it wrote no metrics"
+    assert path.stat().st_mtime >= request.config.companion_session_start, (
+        f"{path} is older than this test session: the notebook did not write its metrics")
+    problems = check_metrics(chapter_id, json.loads(path.read_text()),
+                             load_reference()[chapter_id])
+    assert not problems, "\n".join(problems)
