@@ -274,6 +274,7 @@ def main_bands(argv: list[str]) -> int:
     p_make.add_argument("--output", default=str(REFERENCE_FILE))
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
     p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
+    p_check.add_argument("--reference", default=str(REFERENCE_FILE))
     args = parser.parse_args(argv)
     chapters = [c.id for c in load_book().chapters]
     try:
@@ -300,7 +301,7 @@ def main_bands(argv: list[str]) -> int:
             exact = sum(b.exact for m in bands.values() for b in m.values())
             print(f"{path}: {n} metrics of {len(bands)} chapters ({exact} exact)")
             return 0
-        bands = load_reference()
+        bands = load_reference(args.reference)
         problems = []
         for chapter in chapters:
             run = read_run(Path(args.metrics_dir), [chapter])

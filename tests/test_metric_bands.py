@@ -148,3 +148,36 @@ def test_chapter_metrics_within_bands(chapter_id, request):
     problems = check_metrics(chapter_id, json.loads(path.read_text()),
                              load_reference()[chapter_id])
     assert not problems, "\n".join(problems)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def _fake_run(folder: Path, value: float) -> Path:
+    for chapter in BOOK.chapters:
+        metrics = {"accuracy": value, "steps": 100, "curve": [1, 2]}
+        path = metrics_path(folder, chapter.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics))
+    return folder
+
+
+def test_bands_command_makes_a_reference_and_checks_runs_against_it(tmp_path, capsys):
+    from companion.bands import main_bands
+
+    reference, variation = _fake_run(tmp_path / "ref", 0.50), _fake_run(tmp_path / "var", 0.48)
+    out = tmp_path / "reference.json"
+    assert main_bands(["make", str(reference), str(variation), "--output", str(out),
+                       "--describe", f"{variation}=seed 1"]) == 0
+    data = json.loads(out.read_text())
+    assert data["runs"][1] == {"name": str(variation), "role": "variation", "changed": "seed 1"}
+    assert data["chapters"]["3.2"]["accuracy"]["low"] == pytest.approx(0.44)
+    assert data["chapters"]["3.2"]["steps"] == {"reference": 100, "low": 100, "high": 100,
+                                                "runs": [100]}
+    assert main_bands(["check", str(variation), "--reference", str(out)]) == 0
+    assert "every metric inside its band" in capsys.readouterr().out
+    assert main_bands(["check", str(_fake_run(tmp_path / "broken", 0.30)),
+                       "--reference", str(out)]) == 1
+    assert "3.2: accuracy = 0.3 is outside [0.44, 0.56]" in capsys.readouterr().out
+    (variation / "metrics" / "3.4.json").unlink()
+    assert main_bands(["check", str(variation), "--reference", str(out)]) == 2
+    assert "chapter 3.4 wrote no metrics" in capsys.readouterr().err
