@@ -34,7 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from companion.book import ROOT, load_book, metrics_path, run_chapters
+from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_overrides,
+                            run_chapters)
 
 REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
 BANDS_DIR = ROOT / "build" / "bands"
@@ -229,21 +230,6 @@ def run_variation(name: str, overrides: dict, chapters: Sequence[str] | None = N
     return book.run_dir("default")
 
 
-def _parse_overrides(items: Sequence[str]) -> dict:
-    import ast
-
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BandError(f"-p {item!r}: expected KEY=VALUE")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return overrides
-
-
 def _run_folder(name: str) -> Path:
     """A variation run by name (``build/bands/NAME/default``) or by the path of its folder."""
     path = Path(name)
@@ -279,7 +265,7 @@ def main_bands(argv: list[str]) -> int:
     chapters = [c.id for c in load_book().chapters]
     try:
         if args.command == "run":
-            run_variation(args.name, _parse_overrides(args.param), args.chapters or None)
+            run_variation(args.name, parse_overrides(args.param), args.chapters or None)
             return 0
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)
@@ -308,6 +294,6 @@ def main_bands(argv: list[str]) -> int:
             problems += check_metrics(chapter, run[chapter], bands.get(chapter, {}))
         print("\n".join(problems) if problems else "every metric inside its band")
         return 1 if problems else 0
-    except BandError as exc:
+    except (BandError, BookConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

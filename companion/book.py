@@ -264,6 +264,18 @@ def parse_cli_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """The ``-p KEY=VALUE`` options of the command line as ``{key: value}``
+    (values read by :func:`parse_cli_value`); a malformed item raises BookConfigError."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise BookConfigError(f"-p {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_cli_value(value)
+    return overrides
+
+
 def resolve_parameters(
     book: Book, chapter: Chapter, profile: str, overrides: dict[str, Any]
 ) -> dict[str, Any]:
@@ -488,12 +500,7 @@ def main_book(argv: list[str]) -> int:
                 book.profile(args.profile)
             print(format_listing(book, args.profile))
         elif args.command == "run":
-            overrides = {}
-            for item in args.param:
-                if "=" not in item:
-                    parser.error(f"-p {item!r}: expected KEY=VALUE")
-                key, value = item.split("=", 1)
-                overrides[key.strip()] = parse_cli_value(value)
+            overrides = parse_overrides(args.param)
             results = run_chapters(book, args.chapters or None, args.profile, overrides,
                                    progress=not args.no_progress)
             run_dir = book.run_dir(args.profile)

@@ -80,7 +80,7 @@ def pipeline_parameters(profile: str = "default", overrides: dict | None = None,
 def _parse(argv: list[str]):
     import argparse
 
-    from companion.book import parse_cli_value
+    from companion.book import BookConfigError, parse_overrides
 
     parser = argparse.ArgumentParser(
         prog="python -m companion pipeline",
@@ -99,12 +99,10 @@ def _parse(argv: list[str]):
                      help="checkpoint a stage every STEPS optimiser steps (0: only whole stages)")
     run.add_argument("--manifest", default=None, help="path to book.toml")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.param:
-        if "=" not in item:
-            parser.error(f"-p {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_cli_value(value)
+    try:
+        overrides = parse_overrides(args.param)
+    except BookConfigError as exc:
+        parser.error(str(exc))
     return args, overrides
 
 

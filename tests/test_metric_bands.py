@@ -181,3 +181,11 @@ def test_bands_command_makes_a_reference_and_checks_runs_against_it(tmp_path, ca
     (variation / "metrics" / "3.4.json").unlink()
     assert main_bands(["check", str(variation), "--reference", str(out)]) == 2
     assert "chapter 3.4 wrote no metrics" in capsys.readouterr().err
+
+
+def test_bands_run_refuses_a_malformed_parameter_before_running_anything(capsys):
+    from companion.bands import main_bands
+
+    assert main_bands(["run", "never", "-p", "seed"]) == 2
+    assert "-p 'seed': expected KEY=VALUE" in capsys.readouterr().err
+    assert not (ROOT / "build" / "bands" / "never").exists()
