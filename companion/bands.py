@@ -90,29 +90,38 @@ class Band:
 
 
 def make_band(reference: float, variations: Sequence[float], factor: float = DEFAULT_FACTOR,
-              floor_fraction: float = DEFAULT_FLOOR_FRACTION) -> Band:
-    """The band of one metric from its reference value and its variation runs' values."""
+              floor_fraction: float = DEFAULT_FLOOR_FRACTION,
+              factors: Sequence[float] | None = None) -> Band:
+    """The band of one metric from its reference value and its variation runs' values.
+
+    ``factors`` gives each variation run its own factor (default: ``factor`` for all): a run
+    with another seed changes the data and the held-out scenes too, so its distance already
+    over-states what another CPU does and is taken once, while a run that only changed the
+    kernel set is taken ``factor`` times."""
     if not variations:
         raise BandError("a band needs at least one variation run")
-    if factor < 1:
-        raise BandError(f"factor={factor} must be at least 1 (a band narrower than the "
+    factors = list(factors) if factors is not None else [factor] * len(variations)
+    if len(factors) != len(variations):
+        raise BandError(f"{len(factors)} factors for {len(variations)} variation runs")
+    if min(factors) < 1:
+        raise BandError(f"factor={min(factors)} must be at least 1 (a band narrower than the "
                         "spread it was measured from would fail the runs that made it)")
     if any(math.isnan(v) for v in (reference, *variations)):
         if all(math.isnan(v) for v in (reference, *variations)):
             return Band(reference, reference, reference, tuple(variations))
         raise BandError(f"NaN in some runs but not all (reference {reference}, variations "
                         f"{list(variations)}): such a metric cannot be banded")
-    spread = max(abs(v - reference) for v in variations)
-    if spread == 0:
+    if all(v == reference for v in variations):
         return Band(reference, reference, reference, tuple(variations))
     scale = max(abs(reference), *(abs(v) for v in variations), 1.0 if abs(reference) <= 1 else 0)
-    half = max(factor * spread, floor_fraction * scale)
+    half = max(max(f * abs(v - reference) for f, v in zip(factors, variations)),
+               floor_fraction * scale)
     return Band(reference, reference - half, reference + half, tuple(variations))
 
 
 def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[str, Mapping]],
-               factor: float = DEFAULT_FACTOR, floor_fraction: float = DEFAULT_FLOOR_FRACTION
-               ) -> dict[str, dict[str, Band]]:
+               factor: float = DEFAULT_FACTOR, floor_fraction: float = DEFAULT_FLOOR_FRACTION,
+               factors: Sequence[float] | None = None) -> dict[str, dict[str, Band]]:
     """Bands for every chapter and metric of ``reference`` ({chapter: metrics dict}).
 
     Each variation is another run's ``{chapter: metrics dict}``; a metric missing from one of
@@ -134,7 +143,7 @@ def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[st
                     raise BandError(f"chapter {chapter}: metric {key!r} is in the reference "
                                     f"run but not in variation run {number}")
                 values.append(flat[key])
-            bands[chapter][key] = make_band(value, values, factor, floor_fraction)
+            bands[chapter][key] = make_band(value, values, factor, floor_fraction, factors)
     return bands
 
 
@@ -255,7 +264,10 @@ def main_bands(argv: list[str]) -> int:
     p_make.add_argument("variations", nargs="+", help="run names of the variation runs")
     p_make.add_argument("--describe", action="append", default=[], metavar="NAME=TEXT",
                         help="what a run changed (seed, kernel set, CPU), for the file")
-    p_make.add_argument("--factor", type=float, default=DEFAULT_FACTOR)
+    p_make.add_argument("--factor", type=float, default=DEFAULT_FACTOR,
+                        help="how many times a variation run's distance the band is wide")
+    p_make.add_argument("--run-factor", action="append", default=[], metavar="NAME=F",
+                        help="another factor for one run (e.g. 1 for a run with another seed)")
     p_make.add_argument("--floor-fraction", type=float, default=DEFAULT_FLOOR_FRACTION)
     p_make.add_argument("--output", default=str(REFERENCE_FILE))
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
@@ -271,16 +283,23 @@ def main_bands(argv: list[str]) -> int:
             described = dict(item.partition("=")[::2] for item in args.describe)
             reference = read_run(_run_folder(args.reference), chapters)
             variations = [read_run(_run_folder(name), chapters) for name in args.variations]
-            bands = make_bands(reference, variations, args.factor, args.floor_fraction)
-            runs = [{"name": name, "role": role, "changed": described.get(name, "")}
-                    for name, role in [(args.reference, "reference")]
-                    + [(n, "variation") for n in args.variations]]
+            run_factors = {name: float(f) for name, _, f in
+                           (item.partition("=") for item in args.run_factor)}
+            factors = [run_factors.get(name, args.factor) for name in args.variations]
+            bands = make_bands(reference, variations, args.factor, args.floor_fraction,
+                               factors)
+            runs = [{"name": args.reference, "role": "reference",
+                     "changed": described.get(args.reference, "")}]
+            runs += [{"name": name, "role": "variation", "factor": f,
+                      "changed": described.get(name, "")}
+                     for name, f in zip(args.variations, factors)]
             how = (f"reference = run {args.reference!r} (the run that made the committed "
-                   f"notebooks); band = reference ± max({args.factor:g} × the largest distance "
-                   f"of a variation run from it, {args.floor_fraction:g} × the metric's "
-                   "scale); a metric no variation moved must match exactly. Made with "
-                   f"`python -m companion bands make {args.reference} "
-                   f"{' '.join(args.variations)}`.")
+                   "notebooks); band = reference ± max(over the variation runs: the run's "
+                   "factor × its distance from the reference; "
+                   f"{args.floor_fraction:g} × the metric's scale); a metric no variation "
+                   "moved must match exactly. Made with `python -m companion bands make "
+                   f"{' '.join([args.reference, *args.variations])}"
+                   + "".join(f" --run-factor {item}" for item in args.run_factor) + "`.")
             path = save_reference(args.output, bands, runs, args.factor, args.floor_fraction,
                                   how)
             n = sum(len(m) for m in bands.values())

@@ -107,7 +107,7 @@ texts = [p["prompt"] for p in prompts]
 # the answer through the value head (still untrained here: all values are 0, so with γ = 1
 # each token's advantage is the discounted sum of what follows).
 
-# %% tags=["trained-figures"]
+# %% tags=["nbval-ignore-output"]
 policy = PolicyWithValueHead(sft)
 batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], max_new_tokens, seed=seed)
 with torch.no_grad():
@@ -228,7 +228,7 @@ metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
 # rate fell by more than two standard errors while mean task accuracy lost at most 2
 # points; a smaller fall is noise as far as this many questions can tell.
 
-# %% tags=["trained-figures"]
+# %% tags=["nbval-ignore-output"]
 sft_row = rows["SFT (3.2)"]
 versus_sft = versus_reference_model(judged, base="SFT (3.2)")
 for name, change in versus_sft.items():

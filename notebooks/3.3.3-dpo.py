@@ -219,7 +219,7 @@ metrics["heldout"] = table
 # those two standard errors: a bar whose whisker crosses zero is a change this many
 # questions cannot tell from noise.
 
-# %% tags=["trained-figures"]
+# %% tags=["nbval-ignore-output"]
 versus_sft = versus_reference_model(judged, base="SFT (3.2)")
 for name, change in versus_sft.items():
     metrics[f"{name}_verdict"] = change["verdict"]

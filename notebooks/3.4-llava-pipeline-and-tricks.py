@@ -356,7 +356,7 @@ if run_tricks:
 # alt-text written for a different photo: the answer is fluent and confidently wrong about
 # the picture it is paired with).
 
-# %% tags=["trained-figures"]
+# %% tags=["nbval-ignore-output"]
 if run_tricks:
     clean, noisy = f"clean {clean_fraction:.0%} of scenes", f"all scenes, {noisy_fraction:.0%} wrong images"
     run_arm(clean, pipeline_upto_stage2.with_stage(

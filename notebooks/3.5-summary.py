@@ -104,7 +104,7 @@ if points:
 # measure each preference-tuned policy against the SFT model answer by answer, on the same
 # held-out questions; their verdicts, with the standard errors, are:
 
-# %% tags=["trained-figures"]
+# %% tags=["nbval-ignore-output"]
 for chapter in ("3.3.2", "3.3.3"):
     changes = (loaded.get(chapter) or {}).get("versus_sft")
     if not changes:

@@ -169,7 +169,8 @@ def test_bands_command_makes_a_reference_and_checks_runs_against_it(tmp_path, ca
     assert main_bands(["make", str(reference), str(variation), "--output", str(out),
                        "--describe", f"{variation}=seed 1"]) == 0
     data = json.loads(out.read_text())
-    assert data["runs"][1] == {"name": str(variation), "role": "variation", "changed": "seed 1"}
+    assert data["runs"][1] == {"name": str(variation), "role": "variation", "factor": 3.0,
+                               "changed": "seed 1"}
     assert data["chapters"]["3.2"]["accuracy"]["low"] == pytest.approx(0.44)
     assert data["chapters"]["3.2"]["steps"] == {"reference": 100, "low": 100, "high": 100,
                                                 "runs": [100]}
@@ -189,3 +190,10 @@ def test_bands_run_refuses_a_malformed_parameter_before_running_anything(capsys)
     assert main_bands(["run", "never", "-p", "seed"]) == 2
     assert "-p 'seed': expected KEY=VALUE" in capsys.readouterr().err
     assert not (ROOT / "build" / "bands" / "never").exists()
+
+
+def test_a_run_with_another_seed_counts_once_and_a_kernel_run_three_times():
+    band = make_band(0.46, [0.42, 0.34], floor_fraction=0.0, factors=[3.0, 1.0])
+    assert band.low == pytest.approx(0.46 - 0.12) and band.high == pytest.approx(0.46 + 0.12)
+    with pytest.raises(BandError, match="2 factors for 1 variation runs"):
+        make_band(0.5, [0.4], factors=[3.0, 1.0])
