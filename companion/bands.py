@@ -116,7 +116,9 @@ def make_band(reference: float, variations: Sequence[float], factor: float = DEF
     scale = max(abs(reference), *(abs(v) for v in variations), 1.0 if abs(reference) <= 1 else 0)
     half = max(max(f * abs(v - reference) for f, v in zip(factors, variations)),
                floor_fraction * scale)
-    return Band(reference, reference - half, reference + half, tuple(variations))
+    # min/max: with f = 1, reference ∓ |v - reference| can miss v by a rounding error
+    return Band(reference, min(reference - half, *variations),
+                max(reference + half, *variations), tuple(variations))
 
 
 def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[str, Mapping]],

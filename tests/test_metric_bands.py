@@ -197,3 +197,9 @@ def test_a_run_with_another_seed_counts_once_and_a_kernel_run_three_times():
     assert band.low == pytest.approx(0.46 - 0.12) and band.high == pytest.approx(0.46 + 0.12)
     with pytest.raises(BandError, match="2 factors for 1 variation runs"):
         make_band(0.5, [0.4], factors=[3.0, 1.0])
+
+
+def test_every_run_that_made_a_band_lies_inside_it_despite_rounding():
+    reference, variation = 0.72, 0.20833333333333334  # 0.72 - (0.72 - v) != v in floats
+    band = make_band(reference, [variation], factors=[1.0], floor_fraction=0.0)
+    assert band.contains(variation) and band.contains(reference)
