@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_overrides,
-                            run_chapters)
+                            read_metrics, run_chapters)
 
 REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
 BANDS_DIR = ROOT / "build" / "bands"
@@ -218,10 +218,11 @@ def read_run(metrics_dir, chapters: Sequence[str]) -> dict[str, dict]:
     """``{chapter: metrics}`` from a run's ``metrics/`` folder."""
     run = {}
     for chapter in chapters:
-        path = metrics_path(Path(metrics_dir), chapter)
-        if not path.is_file():
-            raise BandError(f"{path}: chapter {chapter} wrote no metrics in this run")
-        run[chapter] = json.loads(path.read_text())
+        try:
+            run[chapter] = read_metrics(metrics_dir, chapter)
+        except FileNotFoundError:
+            raise BandError(f"{metrics_path(metrics_dir, chapter)}: chapter {chapter} wrote no "
+                            "metrics in this run") from None
     return run
 
 
