@@ -17,6 +17,17 @@ absolute width (``floor_fraction`` of the metric's scale) for metrics that moved
 variations. A metric that did not move in any variation, not even with another seed, is a
 structural number (a count of scenes, a configured number of steps) and must match exactly.
 
+An effect measured with its own standard error (a ``.../change`` or ``..._change`` metric
+beside a ``.../se`` or ``..._se``) has a second floor, ``SE_FLOOR_Z * sqrt(2) * se``: two
+runs that each measure the effect on their own held-out sample differ by about
+``sqrt(2) * se`` at one standard deviation, so a band narrower than two of those would fail
+a correct run one time in twenty on sampling noise alone. Two or three variation runs
+cannot show that spread reliably (a kernel-only run of 3.2 missed its grounding change's
+band by 1.5 such standard deviations).
+
+A variation run may cover only some chapters (a run stopped part-way still measured the
+chapters it finished); its value is then ``None`` in the bands of the chapters it lacks.
+
 A broken change leaves the band: the lessons' effects (CLIP learning, stage 2 over stage 1)
 are far larger than the seed-to-seed spread, and a metric that disappears, appears or
 becomes non-finite is reported too. ``python -m companion bands`` runs the variations and
@@ -43,6 +54,7 @@ BANDS_DIR = ROOT / "build" / "bands"
 _UNCHECKED = re.compile(r"(^|/|_)(seconds|wall|minutes|time_s)($|/|_)")
 DEFAULT_FACTOR = 3.0
 DEFAULT_FLOOR_FRACTION = 0.02
+SE_FLOOR_Z = 2.0
 
 
 class BandError(ValueError):
@@ -71,7 +83,8 @@ class Band:
     reference: float
     low: float
     high: float
-    runs: tuple[float, ...]  # the variation runs' values, in the order of the file's "runs"
+    # the variation runs' values, in the order of the file's "runs" (None: not in that run)
+    runs: tuple[float | None, ...]
 
     @property
     def exact(self) -> bool:
@@ -85,40 +98,63 @@ class Band:
     def describe(self) -> str:
         if self.exact:
             return f"exactly {self.reference:g} (the same in every variation run)"
+        runs = ", ".join("-" if v is None else f"{v:.4g}" for v in self.runs)
         return (f"[{self.low:.4g}, {self.high:.4g}] around the reference {self.reference:.4g} "
-                f"(variation runs: {', '.join(f'{v:.4g}' for v in self.runs)})")
+                f"(variation runs: {runs})")
 
 
 def make_band(reference: float, variations: Sequence[float], factor: float = DEFAULT_FACTOR,
               floor_fraction: float = DEFAULT_FLOOR_FRACTION,
-              factors: Sequence[float] | None = None) -> Band:
+              factors: Sequence[float] | None = None, se: float | None = None) -> Band:
     """The band of one metric from its reference value and its variation runs' values.
+
+    ``se``: the metric's own standard error where the chapter measured one; the band is then
+    at least ``SE_FLOOR_Z * sqrt(2) * se`` wide on each side (see the module's docstring).
 
     ``factors`` gives each variation run its own factor (default: ``factor`` for all): a run
     with another seed changes the data and the held-out scenes too, so its distance already
     over-states what another CPU does and is taken once, while a run that only changed the
     kernel set is taken ``factor`` times."""
-    if not variations:
-        raise BandError("a band needs at least one variation run")
     factors = list(factors) if factors is not None else [factor] * len(variations)
     if len(factors) != len(variations):
         raise BandError(f"{len(factors)} factors for {len(variations)} variation runs")
-    if min(factors) < 1:
+    if factors and min(factors) < 1:
         raise BandError(f"factor={min(factors)} must be at least 1 (a band narrower than the "
                         "spread it was measured from would fail the runs that made it)")
-    if any(math.isnan(v) for v in (reference, *variations)):
-        if all(math.isnan(v) for v in (reference, *variations)):
-            return Band(reference, reference, reference, tuple(variations))
+    runs = tuple(variations)
+    pairs = [(f, v) for f, v in zip(factors, variations) if v is not None]
+    if not pairs:
+        raise BandError("a band needs at least one variation run")
+    values = [v for _, v in pairs]
+    if any(math.isnan(v) for v in (reference, *values)):
+        if all(math.isnan(v) for v in (reference, *values)):
+            return Band(reference, reference, reference, runs)
         raise BandError(f"NaN in some runs but not all (reference {reference}, variations "
-                        f"{list(variations)}): such a metric cannot be banded")
-    if all(v == reference for v in variations):
-        return Band(reference, reference, reference, tuple(variations))
-    scale = max(abs(reference), *(abs(v) for v in variations), 1.0 if abs(reference) <= 1 else 0)
-    half = max(max(f * abs(v - reference) for f, v in zip(factors, variations)),
-               floor_fraction * scale)
+                        f"{values}): such a metric cannot be banded")
+    if all(v == reference for v in values):
+        return Band(reference, reference, reference, runs)
+    scale = max(abs(reference), *(abs(v) for v in values), 1.0 if abs(reference) <= 1 else 0)
+    half = max(max(f * abs(v - reference) for f, v in pairs), floor_fraction * scale)
+    if se is not None:
+        if not se >= 0:
+            raise BandError(f"standard error {se} must be a non-negative number")
+        half = max(half, SE_FLOOR_Z * math.sqrt(2) * se)
     # min/max: with f = 1, reference ∓ |v - reference| can miss v by a rounding error
-    return Band(reference, min(reference - half, *variations),
-                max(reference + half, *variations), tuple(variations))
+    return Band(reference, min(reference - half, *values), max(reference + half, *values), runs)
+
+
+def standard_error_of(key: str, flat: Mapping[str, float]) -> float | None:
+    """The standard error a chapter wrote beside an effect (``x/change`` → ``x/se``,
+    ``x/accuracy_change`` → ``x/accuracy_se``, ``x/difference`` → ``x/se``), or None."""
+    head, _, name = key.rpartition("/")
+    prefix = f"{head}/" if head else ""
+    if name in ("change", "difference"):
+        candidate = prefix + "se"
+    elif name.endswith("_change"):
+        candidate = prefix + name[: -len("change")] + "se"
+    else:
+        return None
+    return flat.get(candidate)
 
 
 def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[str, Mapping]],
@@ -126,26 +162,27 @@ def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[st
                factors: Sequence[float] | None = None) -> dict[str, dict[str, Band]]:
     """Bands for every chapter and metric of ``reference`` ({chapter: metrics dict}).
 
-    Each variation is another run's ``{chapter: metrics dict}``; a metric missing from one of
-    them is an error (the runs must come from the same notebooks).
+    Each variation is another run's ``{chapter: metrics dict}``; a run may lack whole chapters
+    (it stopped part-way), but a metric missing from a chapter it has is an error (the runs
+    must come from the same notebooks). An effect's band is at least as wide as its own
+    standard error requires (:func:`standard_error_of`).
     """
     bands: dict[str, dict[str, Band]] = {}
     for chapter, metrics in reference.items():
         flat_ref = flatten_metrics(metrics)
-        flat_vars = []
-        for number, variation in enumerate(variations):
-            if chapter not in variation:
-                raise BandError(f"variation run {number} has no metrics for chapter {chapter}")
-            flat_vars.append(flatten_metrics(variation[chapter]))
+        flat_vars = [flatten_metrics(v[chapter]) if chapter in v else None for v in variations]
+        if all(flat is None for flat in flat_vars):
+            raise BandError(f"no variation run has metrics for chapter {chapter}")
         bands[chapter] = {}
         for key, value in flat_ref.items():
             values = []
             for number, flat in enumerate(flat_vars):
-                if key not in flat:
+                if flat is not None and key not in flat:
                     raise BandError(f"chapter {chapter}: metric {key!r} is in the reference "
                                     f"run but not in variation run {number}")
-                values.append(flat[key])
-            bands[chapter][key] = make_band(value, values, factor, floor_fraction, factors)
+                values.append(None if flat is None else flat[key])
+            bands[chapter][key] = make_band(value, values, factor, floor_fraction, factors,
+                                            se=standard_error_of(key, flat_ref))
     return bands
 
 
@@ -201,7 +238,7 @@ def load_reference(path=REFERENCE_FILE) -> dict[str, dict[str, Band]]:
             bands[chapter] = {}
             for key, entry in metrics.items():
                 band = Band(float(entry["reference"]), float(entry["low"]), float(entry["high"]),
-                            tuple(float(v) for v in entry["runs"]))
+                            tuple(None if v is None else float(v) for v in entry["runs"]))
                 if not band.low <= band.reference <= band.high and not math.isnan(band.reference):
                     raise BandError(f"{path}: chapter {chapter}, metric {key!r}: the reference "
                                     f"{band.reference} lies outside its own band")
@@ -214,15 +251,19 @@ def load_reference(path=REFERENCE_FILE) -> dict[str, dict[str, Band]]:
     return bands
 
 
-def read_run(metrics_dir, chapters: Sequence[str]) -> dict[str, dict]:
-    """``{chapter: metrics}`` from a run's ``metrics/`` folder."""
+def read_run(metrics_dir, chapters: Sequence[str], partial: bool = False) -> dict[str, dict]:
+    """``{chapter: metrics}`` from a run's ``metrics/`` folder. ``partial``: a chapter the run
+    did not reach is left out (a variation run stopped part-way), as long as one is there."""
     run = {}
     for chapter in chapters:
         try:
             run[chapter] = read_metrics(metrics_dir, chapter)
         except FileNotFoundError:
-            raise BandError(f"{metrics_path(metrics_dir, chapter)}: chapter {chapter} wrote no "
-                            "metrics in this run") from None
+            if not partial:
+                raise BandError(f"{metrics_path(metrics_dir, chapter)}: chapter {chapter} wrote "
+                                "no metrics in this run") from None
+    if not run:
+        raise BandError(f"{metrics_dir}: no chapter wrote metrics in this run")
     return run
 
 
@@ -285,7 +326,8 @@ def main_bands(argv: list[str]) -> int:
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)
             reference = read_run(_run_folder(args.reference), chapters)
-            variations = [read_run(_run_folder(name), chapters) for name in args.variations]
+            variations = [read_run(_run_folder(name), chapters, partial=True)
+                          for name in args.variations]
             run_factors = {name: float(f) for name, _, f in
                            (item.partition("=") for item in args.run_factor)}
             factors = [run_factors.get(name, args.factor) for name in args.variations]
@@ -296,11 +338,16 @@ def main_bands(argv: list[str]) -> int:
             runs += [{"name": name, "role": "variation", "factor": f,
                       "changed": described.get(name, "")}
                      for name, f in zip(args.variations, factors)]
+            for entry, variation in zip(runs[1:], variations):
+                if len(variation) < len(chapters):
+                    entry["chapters"] = sorted(variation)
             how = (f"reference = run {args.reference!r} (the run that made the committed "
                    "notebooks); band = reference ± max(over the variation runs: the run's "
                    "factor × its distance from the reference; "
-                   f"{args.floor_fraction:g} × the metric's scale); a metric no variation "
-                   "moved must match exactly. Made with `python -m companion bands make "
+                   f"{args.floor_fraction:g} × the metric's scale; for an effect with its "
+                   f"own standard error, {SE_FLOOR_Z:g} × √2 × se); a metric no variation "
+                   "moved must match exactly; a run listing its chapters covered only those. "
+                   "Made with `python -m companion bands make "
                    f"{' '.join([args.reference, *args.variations])}"
                    + "".join(f" --run-factor {item}" for item in args.run_factor) + "`.")
             path = save_reference(args.output, bands, runs, args.factor, args.floor_fraction,

@@ -72,7 +72,7 @@ def test_impossible_band_parameters_are_refused():
 def test_make_bands_names_the_chapter_and_metric_a_variation_lacks():
     with pytest.raises(BandError, match=r"chapter 3.2: metric 'b' .* variation run 0"):
         make_bands({"3.2": {"a": 1.0, "b": 2.0}}, [{"3.2": {"a": 1.1}}])
-    with pytest.raises(BandError, match="no metrics for chapter 3.2"):
+    with pytest.raises(BandError, match="no variation run has metrics for chapter 3.2"):
         make_bands({"3.2": {"a": 1.0}}, [{"3.1.1": {"a": 1.0}}])
 
 
@@ -203,3 +203,53 @@ def test_every_run_that_made_a_band_lies_inside_it_despite_rounding():
     reference, variation = 0.72, 0.20833333333333334  # 0.72 - (0.72 - v) != v in floats
     band = make_band(reference, [variation], factors=[1.0], floor_fraction=0.0)
     assert band.contains(variation) and band.contains(reference)
+
+
+def test_an_effect_with_its_own_standard_error_is_banded_at_least_two_se_of_a_difference():
+    # 3.2 under other kernels: grounding change 0.333 against a reference of 0.217 (se 0.054);
+    # the two runs' variations (0.200, 0.150) alone gave a band of [0.150, 0.283]
+    narrow = make_band(0.2167, [0.2, 0.15], factors=[3.0, 1.0], floor_fraction=0.02)
+    assert not narrow.contains(0.3333)
+    band = make_band(0.2167, [0.2, 0.15], factors=[3.0, 1.0], floor_fraction=0.02, se=0.0536)
+    half = 2.0 * math.sqrt(2) * 0.0536
+    assert band.low == pytest.approx(0.2167 - half) and band.high == pytest.approx(0.2167 + half)
+    assert band.contains(0.3333) and not band.contains(0.40)
+    # a spread wider than the se floor still sets the band
+    wide = make_band(0.2, [0.5], factors=[3.0], se=0.01)
+    assert wide.high == pytest.approx(0.2 + 0.9)
+    with pytest.raises(BandError, match="standard error -0.1"):
+        make_band(0.2, [0.3], se=-0.1)
+
+
+def test_make_bands_finds_each_effects_standard_error_beside_it():
+    reference = {"3.2": {"stage2_vs_stage1": {"ocr": {"change": 0.7, "se": 0.1}},
+                         "versus_sft": {"DPO": {"hallucination_change": -0.1,
+                                                "hallucination_se": 0.05}},
+                         "clean_minus_noisy": {"difference": 0.03, "se": 0.02},
+                         "accuracy": 0.5}}
+    variation = {"3.2": {"stage2_vs_stage1": {"ocr": {"change": 0.69, "se": 0.1}},
+                         "versus_sft": {"DPO": {"hallucination_change": -0.11,
+                                                "hallucination_se": 0.05}},
+                         "clean_minus_noisy": {"difference": 0.031, "se": 0.02},
+                         "accuracy": 0.49}}
+    bands = make_bands(reference, [variation])["3.2"]
+    floor = 2.0 * math.sqrt(2)
+    assert bands["stage2_vs_stage1/ocr/change"].high == pytest.approx(0.7 + floor * 0.1)
+    assert bands["versus_sft/DPO/hallucination_change"].high == pytest.approx(-0.1 + floor * 0.05)
+    assert bands["clean_minus_noisy/difference"].high == pytest.approx(0.03 + floor * 0.02)
+    assert bands["accuracy"].high == pytest.approx(0.5 + 0.03)  # no se: factor 3 × 0.01
+    assert bands["stage2_vs_stage1/ocr/se"].high == pytest.approx(0.1)  # unmoved: exact
+
+
+def test_a_variation_run_that_stopped_part_way_bands_only_the_chapters_it_reached(tmp_path):
+    bands = make_bands({"3.1.1": {"r1": 0.91}, "3.2": {"acc": 0.46}},
+                       [{"3.1.1": {"r1": 0.89}, "3.2": {"acc": 0.44}}, {"3.1.1": {"r1": 0.90}}])
+    assert bands["3.2"]["acc"].runs == (0.44, None)
+    assert bands["3.1.1"]["r1"].runs == (0.89, 0.90)
+    path = save_reference(tmp_path / "ref.json", bands, [{"name": "a"}], 3.0, 0.02, "how")
+    assert load_reference(path) == bands
+    assert "variation runs: 0.44, -" in bands["3.2"]["acc"].describe()
+    with pytest.raises(BandError, match="no variation run has metrics for chapter 3.2"):
+        make_bands({"3.2": {"acc": 0.46}}, [{"3.1.1": {"r1": 0.9}}])
+    with pytest.raises(BandError, match="a band needs at least one variation run"):
+        make_band(0.5, [None])
