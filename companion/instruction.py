@@ -145,7 +145,17 @@ def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tens
     The vision tower encodes ``pixel_values``, the projector maps the features to vision
     tokens that replace the ``<image>`` placeholders, and the LM's cross-entropy is averaged
     over the label positions that are not -100 (the assistant's tokens), shifted once.
+
+    A batch may carry ``vision_features`` (the frozen tower's output, from a
+    :class:`~companion.llava.VisionFeatureCache`) in place of ``pixel_values``: the step then
+    starts at the projector (:func:`companion.llava.inputs_embeds`), with the same result.
     """
+    if "vision_features" in batch:
+        from companion.llava import inputs_embeds
+
+        embeds = inputs_embeds(model, batch["input_ids"], features=batch["vision_features"])
+        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
 
@@ -179,9 +189,25 @@ class InstructionData:
     pixel_values: torch.Tensor     # (R, 3, H, W), row r belongs to examples[r]
     tasks: list[str]
     skipped: list[tuple[str, str]]
+    # the frozen tower's features of every row (VisionFeatureCache); batches then carry
+    # them instead of pixels (see cache_vision_features)
+    vision_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def cache_vision_features(self, model) -> InstructionData:
+        """Run ``model``'s frozen vision tower once over every image and keep the features,
+        so that each training step starts at the projector (LLaVA's stages 1 and 2 never
+        change the tower). Returns ``self``; :meth:`drop_vision_features` undoes it."""
+        from companion.llava import VisionFeatureCache
+
+        self.vision_features = VisionFeatureCache(model, self.pixel_values).features
+        return self
+
+    def drop_vision_features(self) -> InstructionData:
+        self.vision_features = None
+        return self
 
     def batch(self, batch_size: int, step: int, seed: int = 0, pad_id: int = 0,
               group: int = 8) -> dict:
@@ -196,7 +222,10 @@ class InstructionData:
         rows = grouped_rows([len(e["input_ids"]) for e in self.examples], batch_size, step,
                             seed, group)
         out = pad_examples([self.examples[r] for r in rows], pad_id)
-        out["pixel_values"] = self.pixel_values[rows]
+        if self.vision_features is not None:
+            out["vision_features"] = self.vision_features[rows]
+        else:
+            out["pixel_values"] = self.pixel_values[rows]
         return out
 
 
@@ -496,6 +525,10 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
     from companion.train import TrainConfig, train
 
     counts = set_trainable(model, parts) if parts is not None else apply_stage(model, stage)
+    if data.vision_features is not None:  # cached features are right only for a frozen tower
+        from companion.llava import VisionFeatureCache
+
+        VisionFeatureCache.check_frozen(model)
     if log:
         log(f"{stage}: training {', '.join(p for p, n in counts.items() if n)} "
             f"({sum(counts.values()) / 1e6:.3f} M parameters); frozen: "

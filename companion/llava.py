@@ -1,0 +1,111 @@
+"""LLaVA's mechanism written out: what ``LlavaForConditionalGeneration`` does to an image.
+
+Three steps turn an image and a prompt into the LM's input (the seed's 视觉编码器 →
+投影层 → 语言模型):
+
+1. :func:`vision_features`: the vision tower encodes the image; LLaVA-1.5 keeps the
+   penultimate layer's hidden states and drops the CLS token, one vector per patch.
+2. :func:`project`: the projector (linear, GELU, linear) maps each patch vector to the LM's
+   width. These are the "vision tokens".
+3. :func:`merge_image_tokens`: the prompt holds one ``<image>`` placeholder per vision token;
+   their embeddings are replaced, in order, by the vision tokens.
+
+:func:`inputs_embeds` chains the three; ``tests/test_llava_mechanism.py`` checks that the
+LM fed these embeddings gives exactly the logits ``LlavaForConditionalGeneration`` gives.
+
+Both of LLaVA's stages freeze the vision tower, so step 1 gives the same output for an
+image at every step of both stages. :class:`VisionFeatureCache` computes it once per image
+and the training step starts from step 2 (:func:`companion.instruction.instruction_tuning_step`
+takes ``vision_features`` in place of ``pixel_values``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def vision_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images → (B, P, D_vision) patch features, as ``vlm`` selects them."""
+    config = vlm.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: only one layer is written out here")
+    tower = vlm.model.vision_tower
+    hidden = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+    features = hidden[layer]                       # (B, 1 + P, D_vision), CLS first
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:]                 # drop CLS: one vector per patch
+    return features
+
+
+def project(vlm, features: torch.Tensor) -> torch.Tensor:
+    """(B, P, D_vision) → (B, P, D_lm): LLaVA-1.5's two-layer MLP projector."""
+    return vlm.model.multi_modal_projector(features)
+
+
+def merge_image_tokens(input_ids: torch.Tensor, text_embeds: torch.Tensor,
+                       image_tokens: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Put the vision tokens where the ``<image>`` placeholders are.
+
+    ``input_ids`` (B, T) with exactly P placeholders per row; ``text_embeds`` (B, T, D) the
+    token embeddings; ``image_tokens`` (B, P, D). Row b's placeholders take row b's vision
+    tokens in order; every other position keeps its token embedding.
+    """
+    is_image = input_ids == image_token_id                         # (B, T)
+    per_row = is_image.sum(dim=1)
+    batch, patches = image_tokens.shape[:2]
+    if input_ids.shape[0] != batch or bool((per_row != patches).any()):
+        raise ValueError(f"each row needs {patches} <image> tokens for its image, got "
+                         f"{per_row.tolist()} placeholders in {input_ids.shape[0]} rows for "
+                         f"{batch} images")
+    merged = text_embeds.clone()
+    merged[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).to(merged.dtype)
+    return merged
+
+
+def inputs_embeds(vlm, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM's input embeddings for a prompt and its images (or their cached features)."""
+    if (pixel_values is None) == (features is None):
+        raise ValueError("give exactly one of pixel_values and features")
+    if features is None:
+        features = vision_features(vlm, pixel_values)
+    text = vlm.get_input_embeddings()(input_ids)
+    return merge_image_tokens(input_ids, text, project(vlm, features),
+                              vlm.config.image_token_index)
+
+
+class VisionFeatureCache:
+    """Patch features of a frozen vision tower, computed once per image.
+
+    ``cache = VisionFeatureCache(vlm, pixel_values)`` runs the tower over every image (in
+    chunks of ``chunk`` under ``torch.no_grad``); ``cache[rows]`` returns their features.
+    A tower that learns (3.4's variant that trains it at a tenth of the rate) must not use
+    a cache: :meth:`check_frozen` says so.
+    """
+
+    def __init__(self, vlm, pixel_values: torch.Tensor, chunk: int = 256):
+        self.check_frozen(vlm)
+        tower = vlm.model.vision_tower
+        was_training = tower.training
+        tower.eval()  # the same output the training step's tower gives: it has no dropout
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(pixel_values), chunk):
+                parts.append(vision_features(vlm, pixel_values[start:start + chunk]))
+        tower.train(was_training)
+        self.features = torch.cat(parts) if parts else torch.empty(0)
+
+    @staticmethod
+    def check_frozen(vlm) -> None:
+        learning = [n for n, p in vlm.model.vision_tower.named_parameters() if p.requires_grad]
+        if learning:
+            raise ValueError(f"the vision tower learns ({len(learning)} tensors, e.g. "
+                             f"{learning[0]}): its features change every step and cannot be "
+                             "cached; freeze it or train without the cache")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.features[rows]
