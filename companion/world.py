@@ -47,6 +47,8 @@ REGIONS = ("top left", "top", "top right",
 WORDS = ("CAT", "DOG", "SUN", "BOX", "MAP", "KEY", "CUP", "HAT", "BUS", "PEN", "FOX", "ICE")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TASK_TYPES = ("description", "counting", "ocr", "reasoning", "multi_turn", "grounding")
+ANSWER_STYLES = ("verdict_first", "evidence_first")
+IMAGE_PLACEHOLDER = "<image>"
 CHECK_KINDS = ("describe", "count", "ocr", "compare", "remove", "largest", "smallest",
                "ground", "identify", "color", "shape", "size")
 
@@ -463,10 +465,19 @@ def _compare_qa(scene, rng):
     na, nb = count_objects(scene, ta), count_objects(scene, tb)
     question = rng.choice(COMPARE_QUESTIONS).format(_noun(ta, True), _noun(tb, True))
     verdict = "yes" if na > nb else "no"
-    answer = (f"{_capital(verdict)}, there {'is' if na == 1 else 'are'} {count_phrase(na, ta)} "
-              f"and {count_phrase(nb, tb)}.")
-    return question, answer, {"kind": "compare", "a": ta, "b": tb, "count_a": na,
-                              "count_b": nb, "value": verdict}
+    check = {"kind": "compare", "a": ta, "b": tb, "count_a": na, "count_b": nb, "value": verdict}
+    return question, _compare_answer(check, "verdict_first"), check
+
+
+def _compare_answer(check: dict, style: str) -> str:
+    """"Yes, there are two X and one Y." (verdict first) or "There are two X and one Y, so
+    yes." (evidence first: the counts are written before the verdict they decide)."""
+    na = check["count_a"]
+    evidence = (f"there {'is' if na == 1 else 'are'} {count_phrase(na, check['a'])} "
+                f"and {count_phrase(check['count_b'], check['b'])}")
+    if style == "evidence_first":
+        return f"{_capital(evidence)}, so {check['value']}."
+    return f"{_capital(check['value'])}, {evidence}."
 
 
 def _remove_qa(scene, rng, named):
@@ -563,15 +574,25 @@ _TASK_BUILDERS = {"description": _description_qa, "counting": _counting_qa, "ocr
                   "reasoning": _reasoning_qa, "grounding": _grounding_qa}
 
 
-def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0) -> dict:
+def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0,
+                     answer_style: str = "verdict_first") -> dict:
     """One LLaVA-style record of ``task`` about ``scene``.
 
     Returns ``{"id", "image", "task", "scene_id", "conversations", "checks"}`` where
     ``conversations`` alternate human/gpt (``<image>\\n`` opens the first human turn) and
     ``checks`` holds one dict per gpt turn: what a correct answer must contain.
+
+    ``answer_style``: ``"verdict_first"`` answers a comparison with its verdict and then
+    the counts ("Yes, there are two red objects and one square."); ``"evidence_first"``
+    writes the counts first ("There are two red objects and one square, so yes."), so a
+    model generating the answer has counted before it must decide. The checks, and so what
+    the judge accepts, are the same for both.
     """
     if task not in TASK_TYPES:
         raise ValueError(f"unknown task {task!r}; expected one of {TASK_TYPES}")
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"unknown answer_style {answer_style!r}; expected one of "
+                         f"{ANSWER_STYLES}")
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
     if task == "multi_turn":
@@ -580,6 +601,8 @@ def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0
         qas = [_TASK_BUILDERS[task](scene, rng)]
     conversations, checks = [], []
     for turn, (question, answer, check) in enumerate(qas):
+        if check["kind"] == "compare":
+            answer = _compare_answer(check, answer_style)
         prefix = "<image>\n" if turn == 0 else ""
         conversations.append({"from": "human", "value": prefix + question})
         conversations.append({"from": "gpt", "value": answer})
@@ -591,7 +614,8 @@ def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0
 
 def make_instruction_dataset(scenes: Iterable[Scene], tasks: Sequence[str] = TASK_TYPES,
                              samples_per_scene: int = 1, seed: int = 0,
-                             no_word_ocr_probability: float = 0.1) -> list[dict]:
+                             no_word_ocr_probability: float = 0.1,
+                             answer_style: str = "verdict_first") -> list[dict]:
     """Records of every task in ``tasks`` for every scene, ``samples_per_scene`` each.
 
     OCR is asked mostly of scenes with a word: of a scene without one, only with
@@ -609,8 +633,44 @@ def make_instruction_dataset(scenes: Iterable[Scene], tasks: Sequence[str] = TAS
             for k in range(samples_per_scene):
                 if task == "ocr" and not scene.word and rng.random() >= no_word_ocr_probability:
                     continue
-                records.append(make_task_sample(scene, task, rng, index=k))
+                records.append(make_task_sample(scene, task, rng, index=k,
+                                                answer_style=answer_style))
     return records
+
+
+def merge_records(records: Sequence[dict], per_conversation: int, seed: int = 0) -> list[dict]:
+    """Several questions about one scene in one conversation, as LLaVA's own conversation
+    data asks them: the records of each scene are shuffled (deterministic in ``seed`` and
+    the scene) and joined ``per_conversation`` at a time into one multi-turn record whose
+    image is given once, at the start. Checks follow the turns; ``task`` lists the joined
+    records' tasks with "+", ``merged`` their ids. ``per_conversation=1`` returns the
+    records unchanged. The scene's image (or its description) is then read once for every
+    answer, so far more of each sequence carries loss."""
+    if per_conversation < 1:
+        raise ValueError(f"per_conversation={per_conversation} must be at least 1")
+    if per_conversation == 1:
+        return list(records)
+    by_scene: dict = {}
+    for record in records:
+        by_scene.setdefault(record["scene_id"], []).append(record)
+    merged = []
+    for scene_id, group in by_scene.items():
+        group = list(group)
+        random.Random(f"merge:{seed}:{scene_id}").shuffle(group)
+        for start in range(0, len(group), per_conversation):
+            part = group[start:start + per_conversation]
+            conversations = []
+            for k, record in enumerate(part):
+                turns = [dict(turn) for turn in record["conversations"]]
+                if k > 0:  # the image is given once, in the first question
+                    turns[0]["value"] = turns[0]["value"].replace(f"{IMAGE_PLACEHOLDER}\n", "", 1)
+                conversations += turns
+            merged.append({"id": "+".join(r["id"] for r in part), "image": part[0]["image"],
+                           "task": "+".join(r["task"] for r in part), "scene_id": scene_id,
+                           "conversations": conversations,
+                           "checks": [c for r in part for c in r["checks"]],
+                           "merged": [r["id"] for r in part]})
+    return merged
 
 
 # ----------------------------------------------------------------------------- answer parser

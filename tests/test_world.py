@@ -10,7 +10,8 @@ from companion.data.llava import validate_llava_records
 from companion.world import (
     COLORS, REGIONS, SHAPES, TASK_TYPES, WORDS, Scene, SceneObject, WorldConfig,
     canonical_caption, count_phrase, judge_answer, judge_conversation, judge_description,
-    make_caption_pairs, make_instruction_dataset, make_scenes, make_task_sample, render_scene,
+    make_caption_pairs, make_instruction_dataset, make_scenes, make_task_sample, merge_records,
+    render_scene,
     scene_captions, scene_png_bytes,
 )
 
@@ -245,6 +246,59 @@ def test_reference_answers_pass_their_own_judge(scenes, records):
         verdict = judge_conversation(by_id[record["scene_id"]], record, answers)
         assert verdict.correct and not verdict.hallucinations
     assert {"describe", "count", "ocr", "compare", "remove", "ground", "color", "shape"} <= kinds
+
+
+def test_evidence_first_answers_write_the_counts_before_the_verdict_and_pass_the_same_judge(
+        scenes, records):
+    evidence = make_instruction_dataset(scenes, tasks=TASK_TYPES, samples_per_scene=1, seed=5,
+                                        answer_style="evidence_first")
+    by_id = {s.scene_id: s for s in scenes}
+    changed = 0
+    for plain, record in zip(records, evidence):
+        assert plain["checks"] == record["checks"] and plain["id"] == record["id"]
+        for k, check in enumerate(record["checks"]):
+            before = plain["conversations"][2 * k + 1]["value"]
+            after = record["conversations"][2 * k + 1]["value"]
+            if check["kind"] != "compare":
+                assert after == before
+                continue
+            changed += 1
+            # "Yes, there are two red objects and one square." ->
+            # "There are two red objects and one square, so yes."
+            verdict, _, rest = before.partition(", ")
+            assert after == f"{rest[0].upper()}{rest[1:-1]}, so {verdict.lower()}."
+            result = judge_answer(by_id[record["scene_id"]], after, check)
+            assert result.correct and not result.hallucinations and result.score == 1.0, after
+            flipped = after[:-len(check["value"]) - 1] + ("no." if check["value"] == "yes"
+                                                          else "yes.")
+            assert not judge_answer(by_id[record["scene_id"]], flipped, check).correct, flipped
+    assert changed > 20
+    with pytest.raises(ValueError, match="unknown answer_style 'chatty'"):
+        make_task_sample(SCENE, "reasoning", random.Random(0), answer_style="chatty")
+
+
+def test_merged_records_ask_several_questions_about_one_scene_with_the_image_once(scenes,
+                                                                                records):
+    merged = merge_records(records, 3, seed=0)
+    assert merge_records(records, 3, seed=0) == merged  # deterministic
+    assert merge_records(records, 1) == records
+    by_id = {r["id"]: r for r in records}
+    assert sorted(i for m in merged for i in m["merged"]) == sorted(by_id)
+    for record in merged:
+        parts = [by_id[i] for i in record["merged"]]
+        assert 1 <= len(parts) <= 3 and {p["scene_id"] for p in parts} == {record["scene_id"]}
+        assert record["task"] == "+".join(p["task"] for p in parts)
+        assert record["checks"] == [c for p in parts for c in p["checks"]]
+        turns = record["conversations"]
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert turns[0]["value"].startswith("<image>\n")
+        expected = [t["value"] for p in parts for t in p["conversations"]]
+        assert [t["value"] for t in turns] == [expected[0]] + [
+            v.replace("<image>\n", "", 1) for v in expected[1:]]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    validate_llava_records(merged)
+    with pytest.raises(ValueError, match="per_conversation=0 must be at least 1"):
+        merge_records(records, 0)
 
 
 def test_perturbed_reference_answers_fail(scenes, records):
