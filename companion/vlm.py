@@ -138,12 +138,17 @@ def text_only_conversations(records, scenes_by_id) -> list[list[dict]]:
     return conversations
 
 
-def lm_corpus(n_scenes: int, seed: int) -> list[list[dict]]:
-    """Text-only conversations of every task type about ``n_scenes`` fresh scenes."""
-    from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
+def lm_corpus(n_scenes: int, seed: int, questions_per_conversation: int = 1,
+              answer_style: str = "verdict_first") -> list[list[dict]]:
+    """Text-only conversations of every task type about ``n_scenes`` fresh scenes; with
+    ``questions_per_conversation`` > 1, that many of a scene's questions share one
+    conversation (:func:`companion.world.merge_records`)."""
+    from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, merge_records
 
     scenes = make_scenes(n_scenes, seed=seed, start_id=20_000_000)
-    records = make_instruction_dataset(scenes, tasks=TASK_TYPES, seed=seed)
+    records = make_instruction_dataset(scenes, tasks=TASK_TYPES, seed=seed,
+                                       answer_style=answer_style)
+    records = merge_records(records, questions_per_conversation, seed=seed)
     return text_only_conversations(records, {s.scene_id: s for s in scenes})
 
 
@@ -159,9 +164,49 @@ class LMRecipe:
     lr: float = 3e-3
     sizes: TinyLMConfig = TinyLMConfig()
     max_length: int = 256
+    # what the loss reads: "all" tokens of the conversation (plain language modelling) or
+    # only the assistant's "replies" (the scene's description is context, never a target)
+    loss_on: str = "all"
+    questions_per_conversation: int = 1  # >1: several questions about a scene in one record
+    answer_style: str = "verdict_first"  # or "evidence_first" (companion.world)
+
+    def __post_init__(self):
+        from companion.world import ANSWER_STYLES
+
+        if self.loss_on not in ("all", "replies"):
+            raise ValueError(f"LMRecipe.loss_on={self.loss_on!r}; choose 'all' or 'replies'")
+        if self.questions_per_conversation < 1:
+            raise ValueError(f"LMRecipe.questions_per_conversation="
+                             f"{self.questions_per_conversation} must be at least 1")
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"LMRecipe.answer_style={self.answer_style!r}; choose one of "
+                             f"{ANSWER_STYLES}")
+        if self.max_length > self.sizes.max_positions:
+            raise ValueError(f"LMRecipe.max_length={self.max_length} exceeds the LM's "
+                             f"max_positions={self.sizes.max_positions}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as the cache key reads it. The options added after the first cached
+        LMs (``loss_on`` and the two after it) enter only when they differ from their
+        defaults, so a default LM cached before they existed is still found."""
+        data = asdict(self)
+        for name, default in _LATER_OPTIONS.items():
+            if data[name] == default:
+                del data[name]
+        return data
+
+
+_LATER_OPTIONS = {"loss_on": "all", "questions_per_conversation": 1,
+                  "answer_style": "verdict_first"}
+
+
+def lm_reply_labels(chat: dict) -> list[int]:
+    """Labels of a text-only conversation whose loss reads only the assistant's replies (and
+    their end-of-turn token): every other position is -100, as in instruction tuning."""
+    from companion.instruction import IGNORE_INDEX
+
+    return [token if keep else IGNORE_INDEX
+            for token, keep in zip(chat["input_ids"], chat["assistant_mask"])]
 
 
 def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
@@ -171,16 +216,9 @@ def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
     from companion.train import TrainConfig, train
 
     from companion.instruction import grouped_rows, label_tokens, pad_examples
-    from companion.tokenizer import encode_chat
 
     model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
-    encoded = []
-    for index, turns in enumerate(lm_corpus(recipe.scenes, recipe.seed)):
-        ids = encode_chat(tokenizer, turns)["input_ids"]
-        if len(ids) > recipe.max_length:
-            raise ValueError(f"text-only conversation {index} has {len(ids)} tokens, more than "
-                             f"max_length={recipe.max_length}")
-        encoded.append({"input_ids": ids, "labels": ids})
+    encoded = lm_training_examples(recipe, tokenizer)
     lengths = [len(e["input_ids"]) for e in encoded]
     model.to(device)
 
@@ -196,6 +234,25 @@ def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
     history = train(model, loss_fn, next_batch, config, device=device, batch_weight=label_tokens,
                     checkpoint=checkpoint)
     return model, history
+
+
+def lm_training_examples(recipe: LMRecipe, tokenizer) -> list[dict]:
+    """The LM's training set: ``{"input_ids", "labels"}`` per text-only conversation."""
+    from companion.tokenizer import encode_chat
+
+    encoded = []
+    corpus = lm_corpus(recipe.scenes, recipe.seed, recipe.questions_per_conversation,
+                       recipe.answer_style)
+    for index, turns in enumerate(corpus):
+        chat = encode_chat(tokenizer, turns)
+        ids = chat["input_ids"]
+        if len(ids) > recipe.max_length:
+            raise ValueError(f"text-only conversation {index} has {len(ids)} tokens, more than "
+                             f"max_length={recipe.max_length}; raise LMRecipe.max_length (the "
+                             f"LM has {recipe.sizes.max_positions} positions)")
+        labels = ids if recipe.loss_on == "all" else lm_reply_labels(chat)
+        encoded.append({"input_ids": ids, "labels": labels})
+    return encoded
 
 
 def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="cpu", log=print):

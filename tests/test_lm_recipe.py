@@ -1,0 +1,87 @@
+"""The text-only LM's recipe options: loss on the replies only, several questions per
+conversation, evidence-first answers, and a cache key that old default LMs still match."""
+
+from dataclasses import asdict
+
+import pytest
+
+from companion.instruction import IGNORE_INDEX
+from companion.tokenizer import END_OF_TURN, encode_chat, train_tokenizer, world_corpus
+from companion.vlm import (SCENE_PREFIX, LMRecipe, TinyLMConfig, lm_corpus, lm_reply_labels,
+                           lm_training_examples)
+
+TINY = dict(scenes=12, sizes=TinyLMConfig(hidden_size=32, layers=1, heads=2,
+                                          intermediate_size=64))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(world_corpus(40, seed=1), vocab_size=400)
+
+
+def test_reply_labels_keep_exactly_the_assistant_replies_and_their_end_of_turn(tokenizer):
+    turns = [{"from": "human", "value": "Scene: a small red circle at the top.\nCount the circles."},
+             {"from": "gpt", "value": "There is one circle."},
+             {"from": "human", "value": "What colour is the circle?"},
+             {"from": "gpt", "value": "The circle is red."}]
+    chat = encode_chat(tokenizer, turns)
+    labels = lm_reply_labels(chat)
+    assert len(labels) == len(chat["input_ids"])
+    kept = [token for token in labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(kept, skip_special_tokens=False).replace(" ", "") == (
+        f"There is one circle.{END_OF_TURN}The circle is red.{END_OF_TURN}".replace(" ", ""))
+    # independent of the mask's own layout: every kept position holds its input token
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, chat["input_ids"]))
+    scene = tokenizer.encode("Scene: a small red circle", add_special_tokens=False)
+    start = next(i for i in range(len(labels)) if chat["input_ids"][i:i + len(scene)] == scene)
+    assert all(label == IGNORE_INDEX for label in labels[start:start + len(scene)])
+
+
+def test_loss_on_replies_masks_the_scene_and_questions_and_all_keeps_every_token(tokenizer):
+    plain = lm_training_examples(LMRecipe(**TINY), tokenizer)
+    replies = lm_training_examples(LMRecipe(loss_on="replies", **TINY), tokenizer)
+    assert [e["input_ids"] for e in plain] == [e["input_ids"] for e in replies]
+    assert all(e["labels"] == e["input_ids"] for e in plain)
+    for example in replies:
+        kept = sum(label != IGNORE_INDEX for label in example["labels"])
+        assert 0 < kept < len(example["input_ids"]) // 2
+
+
+def test_several_questions_share_one_conversation_that_describes_the_scene_once(tokenizer):
+    single = lm_corpus(12, seed=0)
+    merged = lm_corpus(12, seed=0, questions_per_conversation=6)
+    assert len(merged) == 12  # at most six records per scene: one conversation each
+    assert sum(len(c) for c in merged) == sum(len(c) for c in single)
+    for conversation in merged:
+        assert sum(turn["value"].count(SCENE_PREFIX) for turn in conversation) == 1
+    with pytest.raises(ValueError, match=r"more than max_length=40; raise LMRecipe.max_length"):
+        lm_training_examples(LMRecipe(questions_per_conversation=6, max_length=40, **TINY),
+                             tokenizer)
+
+
+def test_evidence_first_reaches_the_lms_corpus():
+    plain = [t["value"] for c in lm_corpus(30, seed=0) for t in c]
+    evidence = [t["value"] for c in lm_corpus(30, seed=0, answer_style="evidence_first")
+                for t in c]
+    changed = [(a, b) for a, b in zip(plain, evidence) if a != b]
+    assert changed and all(b.endswith((", so yes.", ", so no.")) for _, b in changed)
+
+
+def test_the_default_recipes_cache_key_is_the_one_made_before_the_options_existed():
+    recipe = LMRecipe()
+    before = {"seed": 0, "tokenizer_scenes": 2000, "scenes": 3000, "steps": 600,
+              "batch_size": 32, "lr": 3e-3, "sizes": asdict(TinyLMConfig()), "max_length": 256}
+    assert recipe.to_dict() == before
+    assert LMRecipe(loss_on="replies").to_dict() == {**before, "loss_on": "replies"}
+    assert LMRecipe(questions_per_conversation=6).to_dict()["questions_per_conversation"] == 6
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"loss_on": "prompts"}, "loss_on='prompts'"),
+    ({"questions_per_conversation": 0}, "questions_per_conversation=0 must be at least 1"),
+    ({"answer_style": "chatty"}, "answer_style='chatty'"),
+    ({"max_length": 1024}, "max_length=1024 exceeds the LM's max_positions=512"),
+])
+def test_impossible_lm_recipes_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LMRecipe(**bad)
