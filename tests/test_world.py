@@ -8,6 +8,7 @@ import pytest
 
 from companion.data.llava import validate_llava_records
 from companion.world import (
+    LONG_FORM_TASKS, careless_annotations,
     COLORS, REGIONS, SHAPES, TASK_TYPES, WORDS, Scene, SceneObject, WorldConfig,
     canonical_caption, count_phrase, judge_answer, judge_conversation, judge_description,
     make_caption_pairs, make_instruction_dataset, make_scenes, make_task_sample, merge_records,
@@ -299,6 +300,49 @@ def test_merged_records_ask_several_questions_about_one_scene_with_the_image_onc
     validate_llava_records(merged)
     with pytest.raises(ValueError, match="per_conversation=0 must be at least 1"):
         merge_records(records, 0)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_the_careless_annotator_hallucinates_at_its_rate_and_the_judge_sees_every_one(rate):
+    scenes = make_scenes(1500, seed=21)
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, seed=21)
+    written = careless_annotations(records, by_id, rate, seed=2)
+    assert careless_annotations(records, by_id, rate, seed=2) == written  # deterministic
+    eligible = [w for w in written if w["task"] in LONG_FORM_TASKS]
+    changed = [w for w in written if w.get("annotator")]
+    assert {w["task"] for w in changed} <= set(LONG_FORM_TASKS)
+    share, n = len(changed) / len(eligible), len(eligible)
+    assert abs(share - rate) <= 3 * (rate * (1 - rate) / n) ** 0.5, (share, rate, n)
+    kinds = set()
+    for clean, record in zip(records, written):
+        assert record["checks"] == clean["checks"]
+        note = record.get("annotator")
+        for k, check in enumerate(record["checks"]):
+            answer = record["conversations"][2 * k + 1]["value"]
+            if note is None or k != note["turn"]:
+                assert answer == clean["conversations"][2 * k + 1]["value"]
+                continue
+            assert note["clean"] == clean["conversations"][2 * k + 1]["value"] != answer
+            verdict = judge_answer(by_id[record["scene_id"]], answer, check)
+            assert verdict.hallucinations and not verdict.passed, (answer, check)
+            kinds.add(check["kind"])
+    assert {"describe", "count", "color"} <= kinds
+
+
+def test_the_careless_annotator_refuses_impossible_settings():
+    scenes = make_scenes(5, seed=1)
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, seed=1)
+    assert careless_annotations(records, by_id, 0.0) == records
+    every = careless_annotations(records, by_id, 1.0, tasks=("description",))
+    assert all(bool(r.get("annotator")) == (r["task"] == "description") for r in every)
+    with pytest.raises(ValueError, match=r"rate=1.5 must be in \[0, 1\]"):
+        careless_annotations(records, by_id, 1.5)
+    with pytest.raises(ValueError, match="unknown task"):
+        careless_annotations(records, by_id, 0.5, tasks=("poetry",))
+    with pytest.raises(KeyError, match="scene .* is not in scenes_by_id"):
+        careless_annotations(records, {}, 1.0)
 
 
 def test_perturbed_reference_answers_fail(scenes, records):
