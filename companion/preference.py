@@ -33,6 +33,7 @@ from companion.data.preference import (
 )
 from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
 from companion.losses.preference import bradley_terry_loss
+from companion.tokenizer import IMAGE_TOKEN as IMAGE_PLACEHOLDER
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -48,8 +49,18 @@ def preference_prompts(scenes: Sequence, seed: int = 0, tasks: Sequence[str] | N
              "reference": r["conversations"][1]["value"]} for r in records]
 
 
-def prompt_turns(prompt: str) -> list[dict]:
-    return [{"from": "human", "value": prompt}]
+def prompt_turns(prompt: str, facts: str | None = None) -> list[dict]:
+    """The human turn of a prompt; with ``facts``, the factual reward model's: the image's
+    ground truth in words on its own line, between the image and the question."""
+    if facts is None:
+        return [{"from": "human", "value": prompt}]
+    if not isinstance(facts, str) or not facts.strip():
+        raise ValueError(f"facts={facts!r}: give the image's ground truth as a non-empty text")
+    image, newline, question = prompt.partition("\n")
+    if image.strip() != IMAGE_PLACEHOLDER or not newline:
+        raise ValueError(f"prompt {prompt[:60]!r} does not start with {IMAGE_PLACEHOLDER} and a "
+                         "new line, so there is no place for the facts after the image")
+    return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{facts.strip()}\n{question}"}]
 
 
 def utility(result, hallucination_penalty: float = 0.5) -> float:
@@ -203,8 +214,13 @@ class PreferenceData:
 
 
 def encode_preferences(records: Sequence[dict], tokenizer, image_processor, n_image_tokens: int,
-                       load_image, max_length: int = 512) -> PreferenceData:
-    """Encode each pair as two chat sequences (prompt + reply) with labels on the reply only."""
+                       load_image, max_length: int = 512, facts=None) -> PreferenceData:
+    """Encode each pair as two chat sequences (prompt + reply) with labels on the reply only.
+
+    ``facts(record) -> str``: the factual reward model's data (LLaVA-RLHF's Factually
+    Augmented RLHF): each prompt also carries the image's ground truth in words
+    (:func:`prompt_turns`), so the reward model can check a claim against it instead of
+    having to see it."""
     from companion.clip import pixel_values_for
     from companion.vlm import image_token_id
 
@@ -213,9 +229,9 @@ def encode_preferences(records: Sequence[dict], tokenizer, image_processor, n_im
     for index, record in enumerate(records):
         where = f"preference record {record.get('id', index)!r}"
         try:
-            pair = [build_example(tokenizer, prompt_turns(record["prompt"]) +
-                                  [{"from": "gpt", "value": record[key]}], n_image_tokens,
-                                  image_id, max_length, f"{where} ({key})")
+            turns = prompt_turns(record["prompt"], None if facts is None else facts(record))
+            pair = [build_example(tokenizer, turns + [{"from": "gpt", "value": record[key]}],
+                                  n_image_tokens, image_id, max_length, f"{where} ({key})")
                     for key in ("chosen", "rejected")]
         except NoTargetError as error:
             skipped.append((str(record.get("id", index)), str(error)))
@@ -331,8 +347,12 @@ def pair_accuracy(model: RewardModel, data: PreferenceData, pad_id: int) -> floa
 
 @torch.no_grad()
 def score_replies(model: RewardModel, tokenizer, prompts: Sequence[str], replies: Sequence[str],
-                  pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Reward of each (prompt, reply) pair; ``pixel_values`` row i belongs to pair i."""
+                  pixel_values: torch.Tensor, batch_size: int = 64,
+                  facts: Sequence[str] | None = None) -> torch.Tensor:
+    """Reward of each (prompt, reply) pair; ``pixel_values`` row i belongs to pair i;
+    ``facts`` (one text per pair) for a factual reward model (:func:`encode_preferences`)."""
+    if facts is not None and len(facts) != len(prompts):
+        raise ValueError(f"{len(facts)} facts for {len(prompts)} prompts: give one per prompt")
     from companion.vlm import image_seq_length, image_token_id
 
     model.eval()
@@ -343,7 +363,8 @@ def score_replies(model: RewardModel, tokenizer, prompts: Sequence[str], replies
         rows = range(start, min(start + batch_size, len(prompts)))
         examples = []
         for i in rows:
-            turns = prompt_turns(prompts[i]) + [{"from": "gpt", "value": replies[i]}]
+            turns = prompt_turns(prompts[i], None if facts is None else facts[i]) + [
+                {"from": "gpt", "value": replies[i]}]
             examples.append(build_example(tokenizer, turns, n_image, image_id,
                                           where=f"reply {i}"))
         batch = pad_examples(examples, tokenizer.pad_token_id)

@@ -13,7 +13,8 @@ from companion.ppo import (PolicyWithValueHead, PPOConfig, reference_reply_logps
                            reply_logps_values, rollout, train_ppo)
 from companion.preference import (RewardModel, encode_preferences, label_preferences,
                                   last_token_index, load_preferences, pair_accuracy,
-                                  preference_prompts, reward_model_loss, reward_trainable,
+                                  preference_prompts, prompt_turns, reward_model_loss,
+                                  reward_trainable,
                                   sample_replies, save_preferences, score_replies,
                                   validate_preference_records)
 from companion.rlhf import RLHFRecipe
@@ -128,6 +129,59 @@ def test_pairs_carry_labels_on_the_reply_only(world):
     batch = data.batch([0], tok.pad_token_id)
     assert batch["n_pairs"] == 1 and batch["input_ids"].shape[0] == 2
     assert batch["pixel_values"].shape[0] == 2
+
+
+def test_the_factual_reward_models_pairs_read_image_facts_question_reply_in_that_order(world):
+    """Which tokens the factual reward model sees: the chat template's user header, one
+    <image> per patch, the ground truth in words, the question, then the reply; the loss
+    labels only the reply. Checked against an encoding built piece by piece."""
+    vlm, tok = _vlm(world), world["tokenizer"]
+    facts = "Scene: a small red circle at the top left."
+    data = encode_preferences([_record()], tok, world["processor"], image_seq_length(vlm),
+                              lambda r: render_scene(next(iter(world["scenes"].values())), 16),
+                              facts=lambda record: facts)
+    plain = encode_preferences([_record()], tok, world["processor"], image_seq_length(vlm),
+                               lambda r: render_scene(next(iter(world["scenes"].values())), 16))
+    ids, labels = data.chosen[0]["input_ids"], data.chosen[0]["labels"]
+    image_id, n_image = image_token_id(tok), image_seq_length(vlm)
+    first = ids.index(image_id)
+    assert ids[first:first + n_image] == [image_id] * n_image
+    after_image = tok.decode(ids[first + n_image:], skip_special_tokens=False)
+    assert after_image.replace(" ", "").startswith(
+        f"\n{facts}\nHowmanycirclesarethere?".replace(" ", ""))
+    fact_ids = tok.encode(facts, add_special_tokens=False)
+    at = next(i for i in range(len(ids)) if ids[i:i + len(fact_ids)] == fact_ids)
+    assert first + n_image < at and all(label == IGNORE_INDEX for label in labels[:at + 10])
+    # the reply's labels are the same with or without the facts
+    kept = [t for t in labels if t != IGNORE_INDEX]
+    assert kept == [t for t in plain.chosen[0]["labels"] if t != IGNORE_INDEX]
+    assert len(ids) - len(plain.chosen[0]["input_ids"]) >= len(fact_ids)
+    # score_replies builds the same sequence
+    model = RewardModel(vlm)
+    torch.nn.init.normal_(model.reward_head.weight)
+    pixels = world["pixels"][:1]
+    with_facts = score_replies(model, tok, [_record()["prompt"]], ["There is one circle."],
+                               pixels, facts=[facts])
+    batch = data.batch([0], tok.pad_token_id)
+    direct = model(batch["input_ids"][:1], batch["attention_mask"][:1], pixels,
+                   (batch["labels"][:1] != IGNORE_INDEX))
+    assert torch.allclose(with_facts, direct.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("prompt, facts, message", [
+    ("<image>\nHow many?", "", "facts='': give the image's ground truth"),
+    ("How many circles?", "Scene: x.", "does not start with <image> and a new line"),
+])
+def test_facts_that_cannot_be_placed_are_refused(prompt, facts, message):
+    with pytest.raises(ValueError, match=message):
+        prompt_turns(prompt, facts)
+
+
+def test_score_replies_needs_one_fact_per_prompt(world):
+    model = RewardModel(_vlm(world))
+    with pytest.raises(ValueError, match="1 facts for 2 prompts"):
+        score_replies(model, world["tokenizer"], ["<image>\nA?"] * 2, ["x", "y"],
+                      world["pixels"][:2], facts=["Scene: a."])
 
 
 # ----------------------------------------------------------------------------- reward model
