@@ -421,19 +421,43 @@ class InstructionRecipe:
     stage2_steps: int = 1600
     stage2_lr: float = 2e-3
     batch_size: int = 32
+    # --- options added later; each enters the cache key only when it is not its default
+    lm_loss_on: str = "all"             # the LM's pretraining loss: "all" tokens or "replies"
+    lm_questions_per_conversation: int = 1  # questions per LM pretraining conversation
+    answer_style: str = "verdict_first"  # or "evidence_first": the LM's and stage 2's data
+    questions_per_conversation: int = 1  # questions per stage-2 record (merge_records)
+    annotator_hallucination_rate: float = 0.0  # share of long-form stage-2 answers written
+                                               # by a careless annotator (world.careless_...)
+    vision_cache: bool = False          # train stages 1 and 2 from cached tower features
 
     def __post_init__(self):
-        for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size"):
+        from companion.world import ANSWER_STYLES
+
+        for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size",
+                     "lm_questions_per_conversation", "questions_per_conversation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"InstructionRecipe.{name}={getattr(self, name)} must be >= 1")
         for name in ("stage1_lr", "stage2_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"InstructionRecipe.{name}={getattr(self, name)} must be > 0")
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"InstructionRecipe.answer_style={self.answer_style!r}; choose "
+                             f"one of {ANSWER_STYLES}")
+        if not 0.0 <= self.annotator_hallucination_rate <= 1.0:
+            raise ValueError(f"InstructionRecipe.annotator_hallucination_rate="
+                             f"{self.annotator_hallucination_rate} must be in [0, 1]")
+        self.lm_recipe()  # the LM's options are checked there
 
     def to_dict(self) -> dict:
+        """The recipe as cache keys read it: options added after the first cached models
+        appear only when set, so models cached before they existed are still found."""
         from dataclasses import asdict
 
-        return asdict(self)
+        data = asdict(self)
+        for name, default in _LATER_SFT_OPTIONS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     def clip_recipe(self):
         from companion.clip import ClipRecipe
@@ -445,18 +469,45 @@ class InstructionRecipe:
     def lm_recipe(self):
         from companion.vlm import LMRecipe
 
+        merged = self.lm_questions_per_conversation > 1
         return LMRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
-                        scenes=self.lm_scenes, steps=self.lm_steps)
+                        scenes=self.lm_scenes, steps=self.lm_steps, loss_on=self.lm_loss_on,
+                        questions_per_conversation=self.lm_questions_per_conversation,
+                        answer_style=self.answer_style, max_length=512 if merged else 256)
+
+
+_LATER_SFT_OPTIONS = {"lm_loss_on": "all", "lm_questions_per_conversation": 1,
+                      "answer_style": "verdict_first", "questions_per_conversation": 1,
+                      "annotator_hallucination_rate": 0.0, "vision_cache": False}
 
 
 def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
     """``(scenes_by_id, records)`` of the section's training data: one record of each task
-    type per scene (scene ids from 30,000,000, so they never meet another section's)."""
-    from companion.world import make_instruction_dataset, make_scenes
+    type per scene (scene ids from 30,000,000, so they never meet another section's), in
+    the recipe's answer style, written by the careless annotator at its rate, and joined
+    ``questions_per_conversation`` per record. Stage 1's description records are taken
+    before the join (:func:`stage_records`)."""
+    from companion.world import careless_annotations, make_instruction_dataset, make_scenes
 
     scenes = make_scenes(recipe.train_scenes, seed=recipe.seed + 2, start_id=30_000_000)
-    return ({s.scene_id: s for s in scenes},
-            make_instruction_dataset(scenes, seed=recipe.seed + 2))
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, seed=recipe.seed + 2,
+                                       answer_style=recipe.answer_style)
+    if recipe.annotator_hallucination_rate > 0:
+        records = careless_annotations(records, by_id, recipe.annotator_hallucination_rate,
+                                       seed=recipe.seed + 2)
+    return by_id, records
+
+
+def stage_records(recipe: InstructionRecipe, records: Sequence[dict]) -> dict[str, list[dict]]:
+    """Each stage's records: stage 1 the description records (image-caption pairs, as
+    LLaVA's stage 1), stage 2 every record, joined ``questions_per_conversation`` per
+    conversation (:func:`companion.world.merge_records`)."""
+    from companion.world import merge_records
+
+    return {"stage1": [r for r in records if r["task"] == "description"],
+            "stage2": merge_records(records, recipe.questions_per_conversation,
+                                    seed=recipe.seed + 2)}
 
 
 def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, processor,
@@ -468,9 +519,19 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
     def load_image(record):
         return render_scene(scenes_by_id[record["scene_id"]], image_size)
 
-    return {"stage1": encode_records([r for r in records if r["task"] == "description"],
-                                     tokenizer, processor, n_image_tokens, load_image),
+    stage1 = [r for r in records if r["task"] == "description"]
+    return {"stage1": encode_records(stage1, tokenizer, processor, n_image_tokens, load_image),
             "stage2": encode_records(records, tokenizer, processor, n_image_tokens, load_image)}
+
+
+def encode_world_records(records: Sequence[dict], scenes_by_id: dict, tokenizer, processor,
+                         n_image_tokens: int, image_size: int) -> InstructionData:
+    """World records encoded with their scenes rendered at ``image_size``."""
+    from companion.world import render_scene
+
+    return encode_records(records, tokenizer, processor, n_image_tokens,
+                          lambda record: render_scene(scenes_by_id[record["scene_id"]],
+                                                      image_size))
 
 
 def encode_file_data(records: Sequence[dict], image_folder, tokenizer, processor,
@@ -562,8 +623,17 @@ def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=Non
     lm, _ = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(), device=device, log=log)
     model = build_vlm(clip, lm, tokenizer, seed=recipe.seed).to(device)
     scenes_by_id, records = instruction_records(recipe)
-    data = encode_stage_data(records, scenes_by_id, tokenizer, processor,
-                             image_seq_length(model), model.config.vision_config.image_size)
+    by_stage = stage_records(recipe, records)
+    data = {stage: encode_world_records(rows, scenes_by_id, tokenizer, processor,
+                                        image_seq_length(model),
+                                        model.config.vision_config.image_size)
+            for stage, rows in by_stage.items()}
+    if recipe.vision_cache:  # both stages freeze the tower: encode each image once
+        from companion.stages import apply_stage
+
+        apply_stage(model, "stage1")
+        for stage_data in data.values():
+            stage_data.cache_vision_features(model)
     histories = {}
     for stage, steps, lr in (("stage1", recipe.stage1_steps, recipe.stage1_lr),
                              ("stage2", recipe.stage2_steps, recipe.stage2_lr)):

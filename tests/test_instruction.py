@@ -355,6 +355,50 @@ def test_instruction_tuned_vlm_is_cached_and_equals_a_published_run(tmp_path):
         InstructionRecipe(stage2_steps=0)
 
 
+def test_recipe_options_build_their_data_and_the_vision_cache_trains_the_same_model(tmp_path):
+    """The later options of InstructionRecipe: each enters the cache key only when set;
+    evidence-first, joined conversations and the careless annotator reach stage 2's data;
+    training from cached tower features gives the model that training from pixels gives."""
+    from companion.instruction import InstructionRecipe, instruction_records, instruction_tune, \
+        stage_records
+
+    base = dict(tokenizer_scenes=40, clip_train_scenes=32, clip_steps=2, clip_batch_size=8,
+                lm_scenes=10, lm_steps=2, train_scenes=8, stage1_steps=2, stage2_steps=3,
+                batch_size=4)
+    assert "vision_cache" not in InstructionRecipe(**base).to_dict()
+    options = dict(lm_loss_on="replies", lm_questions_per_conversation=3,
+                   answer_style="evidence_first", questions_per_conversation=3,
+                   annotator_hallucination_rate=1.0)
+    recipe = InstructionRecipe(**base, **options)
+    assert {k: recipe.to_dict()[k] for k in options} == options
+    lm = recipe.lm_recipe()
+    assert (lm.loss_on, lm.questions_per_conversation, lm.answer_style, lm.max_length) == (
+        "replies", 3, "evidence_first", 512)
+    by_id, records = instruction_records(recipe)
+    careless = [r for r in records if r.get("annotator")]
+    assert careless and {r["task"] for r in careless} == {"description", "multi_turn"}
+    stages = stage_records(recipe, records)
+    assert stages["stage1"] == [r for r in records if r["task"] == "description"]
+    assert len(stages["stage2"]) < len(records)
+    assert all(len(r["merged"]) <= 3 for r in stages["stage2"])
+    assert any(t["value"].endswith((", so yes.", ", so no."))
+               for r in records for t in r["conversations"])
+
+    plain, _, _, plain_hist = instruction_tune(recipe, tmp_path)
+    cached_recipe = InstructionRecipe(**base, **options, vision_cache=True)
+    cached, _, _, cached_hist = instruction_tune(cached_recipe, tmp_path)
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert [h["loss"] for h in cached_hist["stage2"].steps] == pytest.approx(
+        [h["loss"] for h in plain_hist["stage2"].steps], rel=1e-5)
+    for bad, message in (({"answer_style": "chatty"}, "answer_style='chatty'"),
+                         ({"questions_per_conversation": 0}, "questions_per_conversation=0"),
+                         ({"annotator_hallucination_rate": 2.0}, "rate=2.0 must be in"),
+                         ({"lm_loss_on": "x"}, "loss_on='x'")):
+        with pytest.raises(ValueError, match=message):
+            InstructionRecipe(**bad)
+
+
 def test_a_llava_json_with_image_files_encodes_exactly_as_the_world_in_memory(tmp_path, tokenizer,
                                                                                 vlm):
     """The real-file path (LLaVA JSON + image folder, as `train_json` / `image_folder` in 3.2)
