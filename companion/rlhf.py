@@ -52,6 +52,8 @@ class RLHFRecipe:
                                     # .json/.jsonl/.parquet file or a save_to_disk folder
     image_folder: str = ""          # where its image paths are resolved (default: the folder
                                     # that holds the file or dataset folder)
+    rm_factual: bool = False        # the reward model also reads the image's ground truth in
+                                    # words (LLaVA-RLHF's Fact-RLHF); needs the world's scenes
 
     def __post_init__(self):
         if self.scenes < 5:
@@ -60,10 +62,13 @@ class RLHFRecipe:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in (0, 1)")
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise={self.noise} must be in [0, 1]")
+        if self.rm_factual and self.preference_json:
+            raise ValueError("rm_factual=True needs the world's scenes to state the facts; "
+                             "preference_json records carry no ground truth (leave one unset)")
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        for name in ("sft_checkpoint", "preference_json", "image_folder"):
+        for name in ("sft_checkpoint", "preference_json", "image_folder", "rm_factual"):
             if not values[name]:  # keys of the world's own runs stay as they were
                 del values[name]
         return values
@@ -201,12 +206,13 @@ def split_preferences(records: list[dict], heldout_fraction: float, seed: int = 
 
 
 def preference_data(records, split: str, tokenizer, processor, model, scenes_by_id=None,
-                    image_folder=None):
+                    image_folder=None, factual: bool = False):
     """Encode the records of one split (``train`` or ``heldout``) for training or scoring.
 
     The images are the world's scenes rendered at the model's size (``scenes_by_id``), or,
     with ``image_folder``, files: each record's ``images[0]`` under that folder (a preference
-    JSON of any origin). A record without a ``split`` counts as ``train``.
+    JSON of any origin). A record without a ``split`` counts as ``train``. ``factual``: each
+    prompt also carries its scene in words, for the factual reward model (world records).
     """
     from companion.data.llava import open_image
     from companion.preference import encode_preferences
@@ -227,7 +233,13 @@ def preference_data(records, split: str, tokenizer, processor, model, scenes_by_
     else:
         def load_image(record):
             return render_scene(scenes_by_id[record["scene_id"]], size)
-    return encode_preferences(chosen, tokenizer, processor, image_seq_length(model), load_image)
+    facts = None
+    if factual:
+        if scenes_by_id is None:
+            raise ValueError("factual=True needs scenes_by_id: the facts are the scenes' truth")
+        facts = lambda record: scene_facts(scenes_by_id, [record["scene_id"]])[0]  # noqa: E731
+    return encode_preferences(chosen, tokenizer, processor, image_seq_length(model), load_image,
+                              facts=facts)
 
 def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int = 200,
                        lr: float = 3e-4, batch_size: int = 16, seed: int = 0, device="cpu",
@@ -249,9 +261,18 @@ def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int
 
 
 def _rm_config(recipe: RLHFRecipe) -> dict:
+    factual = {"rm_factual": True} if recipe.rm_factual else {}  # old keys stay as they were
     return {"kind": "reward-model", "procedure": 1, "data": _data_config(recipe),
             **{k: getattr(recipe, k) for k in ("rm_pooling", "rm_steps", "rm_lr",
-                                               "rm_batch_size")}}
+                                               "rm_batch_size")}, **factual}
+
+
+def scene_facts(scenes_by_id: dict, scene_ids) -> list[str]:
+    """What the factual reward model reads beside each image: its scene in words, the same
+    sentence the LM read in place of images during its text-only pretraining."""
+    from companion.vlm import scene_as_text
+
+    return [scene_as_text(scenes_by_id[i]) for i in scene_ids]
 
 
 def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
@@ -266,7 +287,7 @@ def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=
         records = preference_records(cache_dir, recipe, device, log)
         by_id = rlhf_prompts(recipe, processor, sft.config.vision_config.image_size)[0]
         data = preference_data(records, "train", tokenizer, processor, sft, by_id,
-                               image_folder=recipe.image_root)
+                               image_folder=recipe.image_root, factual=recipe.rm_factual)
         model, history = train_reward_model(
             sft, data, tokenizer.pad_token_id, recipe.rm_pooling, recipe.rm_steps,
             recipe.rm_lr, recipe.rm_batch_size, recipe.seed, device)
@@ -309,7 +330,10 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
     set_trainable(policy.vlm, ("projector", "lm"))  # as in stage 2; the value head learns too
 
     def reward_fn(rows, replies):
-        return score_replies(reward, tokenizer, [texts[r] for r in rows], replies, pixels[rows])
+        facts = (scene_facts(by_id, [prompts[r]["scene_id"] for r in rows])
+                 if recipe.rm_factual else None)
+        return score_replies(reward, tokenizer, [texts[r] for r in rows], replies, pixels[rows],
+                             facts=facts)
 
     def gold_fn(rows, replies):
         verdicts = [judge_reply(by_id[prompts[r]["scene_id"]], reply, prompts[r]["check"],
@@ -366,13 +390,15 @@ def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
 
 
 def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens: int = 48,
-                    kl_samples: int = 2, seed: int = 0) -> tuple[dict, object]:
+                    kl_samples: int = 2, seed: int = 0,
+                    factual: bool = False) -> tuple[dict, object]:
     """One row of the section's comparison, on the held-out scenes of 3.2, and the judged
     answers behind it ``(row, scores)``:
 
     - ``mean_task_accuracy`` and ``hallucination_rate``: every record played as a chat
       (greedy answers) and judged, as in 3.2;
-    - ``reward``: the reward model's mean score of the greedy first answers;
+    - ``reward``: the reward model's mean score of the greedy first answers (``factual``:
+      a factual reward model, given each scene's facts);
     - ``kl``: KL(model || reference) per reply, estimated on sampled replies.
 
     ``scores`` (a :class:`~companion.instruction.TaskScores`) lets two rows be compared
@@ -387,7 +413,9 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
                             max_new_tokens=max_new_tokens)
     first = {a["id"]: a["answer"] for a in scores.answers if a["turn"] == 0}
     texts = [p["prompt"] for p in prompts]
-    rewards = score_replies(reward, tokenizer, texts, [first[p["id"]] for p in prompts], pixels)
+    facts = scene_facts(by_id, [p["scene_id"] for p in prompts]) if factual else None
+    rewards = score_replies(reward, tokenizer, texts, [first[p["id"]] for p in prompts], pixels,
+                            facts=facts)
     kl = sampled_kl(model, reference, tokenizer, texts, pixels, max_new_tokens,
                     samples=kl_samples, seed=seed)
     row = {"mean_task_accuracy": scores.mean_task_accuracy(), "accuracy": scores.accuracy(),
@@ -461,6 +489,8 @@ _NOTEBOOK_PARAMETERS = {
     "sft_checkpoint": [("rlhf", "sft_checkpoint")],
     "preference_json": [("rlhf", "preference_json")],
     "image_folder": [("rlhf", "image_folder")],
+    "rm_factual": [("rlhf", "rm_factual")],
+    "annotator_hallucination_rate": [("sft", "annotator_hallucination_rate")],
 }
 
 

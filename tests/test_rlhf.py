@@ -414,6 +414,30 @@ def test_recipe_from_notebook_parameters_maps_every_name():
     assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
     assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
     assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
+    factual = recipe_from_parameters({"rm_factual": True, "annotator_hallucination_rate": 0.3})
+    assert factual.rm_factual and factual.sft.annotator_hallucination_rate == 0.3
+
+
+def test_the_factual_reward_models_recipe_keys_and_data(world):
+    from companion.rlhf import _rm_config, preference_data, scene_facts
+
+    assert "rm_factual" not in RLHFRecipe().to_dict()  # old cache keys unchanged
+    assert _rm_config(RLHFRecipe(rm_factual=True)) != _rm_config(RLHFRecipe())
+    with pytest.raises(ValueError, match="rm_factual=True needs the world's scenes"):
+        RLHFRecipe(rm_factual=True, preference_json="pairs.json")
+    prompt = world["prompts"][0]
+    record = _record(prompt=prompt["prompt"], scene_id=prompt["scene_id"], split="train")
+    vlm, tok = _vlm(world), world["tokenizer"]
+    plain = preference_data([record], "train", tok, world["processor"], vlm, world["scenes"])
+    factual = preference_data([record], "train", tok, world["processor"], vlm, world["scenes"],
+                              factual=True)
+    facts = scene_facts(world["scenes"], [prompt["scene_id"]])[0]
+    assert facts.startswith("Scene: ") and facts in tok.decode(factual.chosen[0]["input_ids"],
+                                                               skip_special_tokens=False)
+    assert facts not in tok.decode(plain.chosen[0]["input_ids"], skip_special_tokens=False)
+    with pytest.raises(ValueError, match="factual=True needs scenes_by_id"):
+        preference_data([record], "train", tok, world["processor"], vlm, None,
+                        image_folder="x", factual=True)
 
 
 def test_a_preference_json_with_image_files_encodes_as_the_world_records(world, tmp_path):
