@@ -210,9 +210,11 @@ def lm_reply_labels(chat: dict) -> list[int]:
 
 
 def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
-                checkpoint=None):
+                checkpoint=None, after_step=None):
     """Train a tiny LM on text-only conversations; returns ``(model, history)``.
-    ``checkpoint``: a :class:`~companion.train.Checkpointing` for mid-run checkpoints."""
+    ``checkpoint``: a :class:`~companion.train.Checkpointing` for mid-run checkpoints;
+    ``after_step(step, model)``: called after each optimiser step (e.g. to measure the LM
+    part-way, for a curve of accuracy against compute)."""
     from companion.train import TrainConfig, train
 
     from companion.instruction import grouped_rows, label_tokens, pad_examples
@@ -232,7 +234,8 @@ def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
     config = TrainConfig(steps=recipe.steps, lr=recipe.lr, weight_decay=0.0,
                          warmup_fraction=0.05, log_every=log_every)
     history = train(model, loss_fn, next_batch, config, device=device, batch_weight=label_tokens,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint,
+                    after_step=None if after_step is None else lambda step: after_step(step, model))
     return model, history
 
 
