@@ -39,11 +39,11 @@ from companion.vlm import (LMRecipe, TinyLMConfig, lm_training_examples,  # noqa
 from companion.world import make_instruction_dataset, make_scenes  # noqa: E402
 
 
-def _told_in_words(scenes, seed, max_new_tokens):
+def _told_in_words(scenes, seed, max_new_tokens, boxes=False):
     by_id = {s.scene_id: s for s in scenes}
     records = make_instruction_dataset(scenes, seed=seed)
     text = [{**r, "conversations": c}
-            for r, c in zip(records, text_only_conversations(records, by_id))]
+            for r, c in zip(records, text_only_conversations(records, by_id, boxes))]
     return lambda model, tok: evaluate_tasks(model, tok, text, by_id, None,
                                              max_new_tokens=max_new_tokens)
 
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         if key not in recipe_fields and target is recipe:
             parser.error(f"{key!r} is not a field of LMRecipe or TinyLMConfig")
         current = getattr(target, key)
-        converted = type(current)(value)
+        converted = (value in ("1", "true", "True")) if isinstance(current, bool) \
+            else type(current)(value)
         if target is sizes:
             sizes = replace(sizes, **{key: converted})
         else:
@@ -83,9 +84,9 @@ def main(argv=None) -> int:
     setup(seed=recipe.seed, device="cpu", threads=args.threads)
     tokenizer = world_tokenizer(args.cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
     heldout = _told_in_words(make_scenes(args.test_scenes, seed=3, start_id=40_000_000), 3,
-                             args.max_new_tokens)
+                             args.max_new_tokens, recipe.scene_boxes)
     own = _told_in_words(make_scenes(args.test_scenes, seed=recipe.seed, start_id=20_000_000),
-                         recipe.seed, args.max_new_tokens)
+                         recipe.seed, args.max_new_tokens, recipe.scene_boxes)
     examples = lm_training_examples(recipe, tokenizer)
     tokens_per_step = recipe.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples)
     evals = {int(s) for s in args.evals.split(",") if s} | {recipe.steps}

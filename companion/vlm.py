@@ -120,26 +120,27 @@ def image_token_id(tokenizer) -> int:
 
 # ----------------------------------------------------------------------------- text-only LM data
 
-def scene_as_text(scene) -> str:
-    """What the LM reads in place of the image during its text-only pretraining."""
-    from companion.world import canonical_caption
+def scene_as_text(scene, boxes: bool = False) -> str:
+    """What the LM reads in place of the image during its text-only pretraining: the
+    canonical caption, or with ``boxes`` the caption with each object's box."""
+    from companion.world import canonical_caption, caption_with_boxes
 
-    return SCENE_PREFIX + canonical_caption(scene)
+    return SCENE_PREFIX + (caption_with_boxes(scene) if boxes else canonical_caption(scene))
 
 
-def text_only_conversations(records, scenes_by_id) -> list[list[dict]]:
+def text_only_conversations(records, scenes_by_id, boxes: bool = False) -> list[list[dict]]:
     """LLaVA records with ``<image>`` replaced by the scene's description (for the LM)."""
     conversations = []
     for record in records:
         scene = scenes_by_id[record["scene_id"]]
         turns = [dict(turn) for turn in record["conversations"]]
-        turns[0]["value"] = turns[0]["value"].replace(IMAGE_TOKEN, scene_as_text(scene))
+        turns[0]["value"] = turns[0]["value"].replace(IMAGE_TOKEN, scene_as_text(scene, boxes))
         conversations.append(turns)
     return conversations
 
 
 def lm_corpus(n_scenes: int, seed: int, questions_per_conversation: int = 1,
-              answer_style: str = "verdict_first") -> list[list[dict]]:
+              answer_style: str = "verdict_first", boxes: bool = False) -> list[list[dict]]:
     """Text-only conversations of every task type about ``n_scenes`` fresh scenes; with
     ``questions_per_conversation`` > 1, that many of a scene's questions share one
     conversation (:func:`companion.world.merge_records`)."""
@@ -149,7 +150,7 @@ def lm_corpus(n_scenes: int, seed: int, questions_per_conversation: int = 1,
     records = make_instruction_dataset(scenes, tasks=TASK_TYPES, seed=seed,
                                        answer_style=answer_style)
     records = merge_records(records, questions_per_conversation, seed=seed)
-    return text_only_conversations(records, {s.scene_id: s for s in scenes})
+    return text_only_conversations(records, {s.scene_id: s for s in scenes}, boxes)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class LMRecipe:
     loss_on: str = "all"
     questions_per_conversation: int = 1  # >1: several questions about a scene in one record
     answer_style: str = "verdict_first"  # or "evidence_first" (companion.world)
+    scene_boxes: bool = False  # the scene in words carries each object's box (grounding)
 
     def __post_init__(self):
         from companion.world import ANSWER_STYLES
@@ -197,7 +199,7 @@ class LMRecipe:
 
 
 _LATER_OPTIONS = {"loss_on": "all", "questions_per_conversation": 1,
-                  "answer_style": "verdict_first"}
+                  "answer_style": "verdict_first", "scene_boxes": False}
 
 
 def lm_reply_labels(chat: dict) -> list[int]:
@@ -245,7 +247,7 @@ def lm_training_examples(recipe: LMRecipe, tokenizer) -> list[dict]:
 
     encoded = []
     corpus = lm_corpus(recipe.scenes, recipe.seed, recipe.questions_per_conversation,
-                       recipe.answer_style)
+                       recipe.answer_style, recipe.scene_boxes)
     for index, turns in enumerate(corpus):
         chat = encode_chat(tokenizer, turns)
         ids = chat["input_ids"]

@@ -353,6 +353,16 @@ def canonical_caption(scene: Scene) -> str:
     return scene_captions(scene)[0]
 
 
+def caption_with_boxes(scene: Scene) -> str:
+    """The canonical caption with each object's box ("a small red circle at the top left in
+    box [0.05, 0.04, 0.19, 0.18]"): the scene in words with everything a grounding answer
+    needs, for a text-only LM that is to be told the whole scene."""
+    items = [f"a {o.size} {o.color} {o.shape} at the {o.region} in box {_box_text(o.bbox)}"
+             for o in scene.objects]
+    word = f' the word "{scene.word}" is written at the {scene.word_region}.' if scene.word else ""
+    return _join(items) + "." + word
+
+
 class CaptionPair(NamedTuple):
     image_index: int  # position of the scene in the list given
     caption: str

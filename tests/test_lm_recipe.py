@@ -1,6 +1,7 @@
 """The text-only LM's recipe options: loss on the replies only, several questions per
 conversation, evidence-first answers, and a cache key that old default LMs still match."""
 
+import re
 from dataclasses import asdict
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from companion.instruction import IGNORE_INDEX
 from companion.tokenizer import END_OF_TURN, encode_chat, train_tokenizer, world_corpus
 from companion.vlm import (SCENE_PREFIX, LMRecipe, TinyLMConfig, lm_corpus, lm_reply_labels,
-                           lm_training_examples)
+                           lm_training_examples, scene_as_text)
 
 TINY = dict(scenes=12, sizes=TinyLMConfig(hidden_size=32, layers=1, heads=2,
                                           intermediate_size=64))
@@ -65,6 +66,33 @@ def test_evidence_first_reaches_the_lms_corpus():
                 for t in c]
     changed = [(a, b) for a, b in zip(plain, evidence) if a != b]
     assert changed and all(b.endswith((", so yes.", ", so no.")) for _, b in changed)
+
+
+def test_the_scene_in_words_can_carry_the_boxes_a_grounding_answer_copies():
+    from companion.world import judge_answer, make_instruction_dataset, make_scenes
+
+    scenes = make_scenes(20, seed=2)
+    by_id = {s.scene_id: s for s in scenes}
+    records = [r for r in make_instruction_dataset(scenes, seed=2) if r["task"] == "grounding"]
+    checked = 0
+    for record in records:
+        scene = by_id[record["scene_id"]]
+        text = scene_as_text(scene, boxes=True)
+        # the same sentence as without boxes, each object followed by its box
+        assert re.sub(r" in box \[[^\]]*\]", "", text) == scene_as_text(scene)
+        assert text.count(" in box [") == len(scene.objects)
+        check = record["checks"][0]
+        if check["kind"] != "ground":
+            continue
+        # the box the answer must give is written in the scene's words
+        box = "[" + ", ".join(f"{v:.2f}" for v in check["bbox"]) + "]"
+        assert box in text and box not in scene_as_text(scene)
+        assert judge_answer(scene, record["conversations"][1]["value"], check).passed
+        checked += 1
+    assert checked > 5
+    corpus = lm_corpus(5, seed=0, boxes=True)
+    assert all(" in box [" in c[0]["value"] for c in corpus)
+    assert LMRecipe(scene_boxes=True).to_dict()["scene_boxes"] is True
 
 
 def test_the_default_recipes_cache_key_is_the_one_made_before_the_options_existed():
