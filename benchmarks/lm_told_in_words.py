@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--test-scenes", type=int, default=150)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--show-wrong", type=int, default=2,
+                        help="wrong held-out answers printed per task type at the end")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -99,9 +101,16 @@ def main(argv=None) -> int:
         seconds = began - start - measuring[0]  # training time only
         model.eval()
         with torch.no_grad():
+            scores = heldout(model, tokenizer)
             row = {"step": step + 1, "tokens": round((step + 1) * tokens_per_step),
-                   "train_seconds": round(seconds, 1), **_row(heldout(model, tokenizer)),
+                   "train_seconds": round(seconds, 1), **_row(scores),
                    "training_scenes": _row(own(model, tokenizer))["mean"]}
+        if step + 1 == recipe.steps:  # what the last model gets wrong, two per task type
+            for task in sorted({a["task"] for a in scores.answers}):
+                wrong = [a for a in scores.answers if a["task"] == task and not a["correct"]]
+                for answer in wrong[:args.show_wrong]:
+                    print(f"wrong {task}: {answer['question']!r} -> {answer['answer']!r} "
+                          f"(reference {answer['reference']!r})")
         model.train()
         measuring[0] += time.perf_counter() - began
         curve.append(row)
