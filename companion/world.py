@@ -622,6 +622,12 @@ def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0
             "checks": checks}
 
 
+def _check_tasks(tasks: Sequence[str]) -> None:
+    unknown = [t for t in tasks if t not in TASK_TYPES]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {TASK_TYPES}")
+
+
 def make_instruction_dataset(scenes: Iterable[Scene], tasks: Sequence[str] = TASK_TYPES,
                              samples_per_scene: int = 1, seed: int = 0,
                              no_word_ocr_probability: float = 0.1,
@@ -633,9 +639,7 @@ def make_instruction_dataset(scenes: Iterable[Scene], tasks: Sequence[str] = TAS
     Each scene has its own random stream, so the records of a scene do not depend on the
     other scenes. Scene-major order.
     """
-    unknown = [t for t in tasks if t not in TASK_TYPES]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {TASK_TYPES}")
+    _check_tasks(tasks)
     records = []
     for scene in scenes:
         rng = random.Random(f"tasks:{seed}:{scene.scene_id}")
@@ -741,9 +745,7 @@ def careless_annotations(records: Sequence[dict], scenes_by_id: dict, rate: floa
     ``seed`` and the record's id."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"annotator hallucination rate={rate} must be in [0, 1]")
-    unknown = [t for t in tasks if t not in TASK_TYPES]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; expected a subset of {TASK_TYPES}")
+    _check_tasks(tasks)
     out = []
     for record in records:
         rng = random.Random(f"careless:{seed}:{record['id']}")
