@@ -484,9 +484,8 @@ _LATER_SFT_OPTIONS = {"lm_loss_on": "all", "lm_questions_per_conversation": 1,
 def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
     """``(scenes_by_id, records)`` of the section's training data: one record of each task
     type per scene (scene ids from 30,000,000, so they never meet another section's), in
-    the recipe's answer style, written by the careless annotator at its rate, and joined
-    ``questions_per_conversation`` per record. Stage 1's description records are taken
-    before the join (:func:`stage_records`)."""
+    the recipe's answer style, written by the careless annotator at its rate
+    (:func:`stage_records` splits them between the stages)."""
     from companion.world import careless_annotations, make_instruction_dataset, make_scenes
 
     scenes = make_scenes(recipe.train_scenes, seed=recipe.seed + 2, start_id=30_000_000)
@@ -501,11 +500,21 @@ def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
 
 def stage_records(recipe: InstructionRecipe, records: Sequence[dict]) -> dict[str, list[dict]]:
     """Each stage's records: stage 1 the description records (image-caption pairs, as
-    LLaVA's stage 1), stage 2 every record, joined ``questions_per_conversation`` per
-    conversation (:func:`companion.world.merge_records`)."""
+    LLaVA's stage 1), with their true captions where the careless annotator wrote them
+    (LLaVA's stage-1 captions were not written by the text-only GPT-4); stage 2 every
+    record as written, joined ``questions_per_conversation`` per conversation
+    (:func:`companion.world.merge_records`)."""
     from companion.world import merge_records
 
-    return {"stage1": [r for r in records if r["task"] == "description"],
+    def as_captioned(record):
+        note = record.get("annotator")
+        if note is None:
+            return record
+        turns = [dict(t) for t in record["conversations"]]
+        turns[2 * note["turn"] + 1]["value"] = note["clean"]
+        return {k: v for k, v in record.items() if k != "annotator"} | {"conversations": turns}
+
+    return {"stage1": [as_captioned(r) for r in records if r["task"] == "description"],
             "stage2": merge_records(records, recipe.questions_per_conversation,
                                     seed=recipe.seed + 2)}
 

@@ -378,7 +378,14 @@ def test_recipe_options_build_their_data_and_the_vision_cache_trains_the_same_mo
     careless = [r for r in records if r.get("annotator")]
     assert careless and {r["task"] for r in careless} == {"description", "multi_turn"}
     stages = stage_records(recipe, records)
-    assert stages["stage1"] == [r for r in records if r["task"] == "description"]
+    descriptions = [r for r in records if r["task"] == "description"]
+    assert [r["id"] for r in stages["stage1"]] == [r["id"] for r in descriptions]
+    # stage 1 reads the true captions; the careless ones are stage 2's
+    assert not any(r.get("annotator") for r in stages["stage1"])
+    assert [r["conversations"][1]["value"] for r in stages["stage1"]] == [
+        r["annotator"]["clean"] if r.get("annotator") else r["conversations"][1]["value"]
+        for r in descriptions]
+    assert any(r.get("annotator") for r in descriptions)
     assert len(stages["stage2"]) < len(records)
     assert all(len(r["merged"]) <= 3 for r in stages["stage2"])
     assert any(t["value"].endswith((", so yes.", ", so no."))
