@@ -189,7 +189,7 @@ class LMRecipe:
 
     def to_dict(self) -> dict:
         """The recipe as the cache key reads it. The options added after the first cached
-        LMs (``loss_on`` and the two after it) enter only when they differ from their
+        LMs (``loss_on`` and those after it) enter only when they differ from their
         defaults, so a default LM cached before they existed is still found."""
         data = asdict(self)
         for name, default in _LATER_OPTIONS.items():
