@@ -33,7 +33,7 @@ from companion.data.preference import (
 )
 from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
 from companion.losses.preference import bradley_terry_loss
-from companion.tokenizer import IMAGE_TOKEN as IMAGE_PLACEHOLDER
+from companion.tokenizer import IMAGE_TOKEN
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -57,10 +57,10 @@ def prompt_turns(prompt: str, facts: str | None = None) -> list[dict]:
     if not isinstance(facts, str) or not facts.strip():
         raise ValueError(f"facts={facts!r}: give the image's ground truth as a non-empty text")
     image, newline, question = prompt.partition("\n")
-    if image.strip() != IMAGE_PLACEHOLDER or not newline:
-        raise ValueError(f"prompt {prompt[:60]!r} does not start with {IMAGE_PLACEHOLDER} and a "
+    if image.strip() != IMAGE_TOKEN or not newline:
+        raise ValueError(f"prompt {prompt[:60]!r} does not start with {IMAGE_TOKEN} and a "
                          "new line, so there is no place for the facts after the image")
-    return [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{facts.strip()}\n{question}"}]
+    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{facts.strip()}\n{question}"}]
 
 
 def utility(result, hallucination_penalty: float = 0.5) -> float:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from companion.tokenizer import IMAGE_TOKEN
+
 # ----------------------------------------------------------------------------- vocabulary
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -48,7 +50,6 @@ WORDS = ("CAT", "DOG", "SUN", "BOX", "MAP", "KEY", "CUP", "HAT", "BUS", "PEN", "
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TASK_TYPES = ("description", "counting", "ocr", "reasoning", "multi_turn", "grounding")
 ANSWER_STYLES = ("verdict_first", "evidence_first")
-IMAGE_PLACEHOLDER = "<image>"
 CHECK_KINDS = ("describe", "count", "ocr", "compare", "remove", "largest", "smallest",
                "ground", "identify", "color", "shape", "size")
 
@@ -613,7 +614,7 @@ def make_task_sample(scene: Scene, task: str, rng: random.Random, index: int = 0
     for turn, (question, answer, check) in enumerate(qas):
         if check["kind"] == "compare":
             answer = _compare_answer(check, answer_style)
-        prefix = "<image>\n" if turn == 0 else ""
+        prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
         conversations.append({"from": "human", "value": prefix + question})
         conversations.append({"from": "gpt", "value": answer})
         checks.append(check)
@@ -677,7 +678,7 @@ def merge_records(records: Sequence[dict], per_conversation: int, seed: int = 0)
             for k, record in enumerate(part):
                 turns = [dict(turn) for turn in record["conversations"]]
                 if k > 0:  # the image is given once, in the first question
-                    turns[0]["value"] = turns[0]["value"].replace(f"{IMAGE_PLACEHOLDER}\n", "", 1)
+                    turns[0]["value"] = turns[0]["value"].replace(f"{IMAGE_TOKEN}\n", "", 1)
                 conversations += turns
             merged.append({"id": "+".join(r["id"] for r in part), "image": part[0]["image"],
                            "task": "+".join(r["task"] for r in part), "scene_id": scene_id,
