@@ -267,6 +267,40 @@ def read_run(metrics_dir, chapters: Sequence[str], partial: bool = False) -> dic
     return run
 
 
+def read_variation(metrics_dir, chapters: Sequence[str], may_be_absent: bool = False) -> dict:
+    """A variation run's ``{chapter: metrics}`` (the chapters it reached). ``may_be_absent``:
+    a run that was not repeated for these chapters (``--keep`` kept its other chapters) may
+    have no metrics at all, and then adds nothing."""
+    try:
+        return read_run(metrics_dir, chapters, partial=True)
+    except BandError:
+        if may_be_absent:
+            return {}
+        raise
+
+
+def kept_bands(path, keep: Sequence[str], names: Sequence[str], chapters: Sequence[str]
+               ) -> tuple[dict[str, dict[str, Band]], dict[str, dict]]:
+    """The bands of the chapters in ``keep``, read from the existing reference file, and that
+    file's runs by name. Keeping is only sound when the file was made from the same runs in
+    the same order (each band lists its runs' values by position)."""
+    if not keep:
+        return {}, {}
+    unknown = [c for c in keep if c not in chapters]
+    if unknown:
+        raise BandError(f"--keep {' '.join(unknown)}: no such chapter in book.toml "
+                        f"(chapters: {', '.join(chapters)})")
+    bands = load_reference(path)
+    runs = json.loads(Path(path).read_text(encoding="utf-8"))["runs"]
+    if [r["name"] for r in runs] != list(names):
+        raise BandError(f"{path} was made from the runs {[r['name'] for r in runs]}; --keep "
+                        f"needs the same runs in the same order, got {list(names)}")
+    missing = [c for c in keep if c not in bands]
+    if missing:
+        raise BandError(f"{path} has no bands for {', '.join(missing)} to keep")
+    return {c: bands[c] for c in keep}, {r["name"]: r for r in runs}
+
+
 # --- the command: run the variations, make the file ------------------------------------------
 
 def run_variation(name: str, overrides: dict, chapters: Sequence[str] | None = None,
@@ -314,6 +348,9 @@ def main_bands(argv: list[str]) -> int:
                         help="another factor for one run (e.g. 1 for a run with another seed)")
     p_make.add_argument("--floor-fraction", type=float, default=DEFAULT_FLOOR_FRACTION)
     p_make.add_argument("--output", default=str(REFERENCE_FILE))
+    p_make.add_argument("--keep", nargs="+", default=[], metavar="CHAPTER",
+                        help="keep these chapters' bands from the existing file (their "
+                             "notebooks did not change); the runs need cover only the others")
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
     p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
     p_check.add_argument("--reference", default=str(REFERENCE_FILE))
@@ -325,22 +362,30 @@ def main_bands(argv: list[str]) -> int:
             return 0
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)
-            reference = read_run(_run_folder(args.reference), chapters)
-            variations = [read_run(_run_folder(name), chapters, partial=True)
+            names = [args.reference, *args.variations]
+            kept, old_runs = kept_bands(args.output, args.keep, names, chapters)
+            fresh = [c for c in chapters if c not in kept]
+            reference = read_run(_run_folder(args.reference), fresh)
+            variations = [read_variation(_run_folder(name), fresh, may_be_absent=bool(kept))
                           for name in args.variations]
             run_factors = {name: float(f) for name, _, f in
                            (item.partition("=") for item in args.run_factor)}
             factors = [run_factors.get(name, args.factor) for name in args.variations]
-            bands = make_bands(reference, variations, args.factor, args.floor_fraction,
-                               factors)
+            made = make_bands(reference, variations, args.factor, args.floor_fraction,
+                              factors) if fresh else {}
+            bands = {c: kept[c] if c in kept else made[c] for c in chapters}
             runs = [{"name": args.reference, "role": "reference",
-                     "changed": described.get(args.reference, "")}]
-            runs += [{"name": name, "role": "variation", "factor": f,
-                      "changed": described.get(name, "")}
-                     for name, f in zip(args.variations, factors)]
-            for entry, variation in zip(runs[1:], variations):
-                if len(variation) < len(chapters):
-                    entry["chapters"] = sorted(variation)
+                     "changed": described.get(args.reference,
+                                              old_runs.get(args.reference, {}).get("changed", ""))}]
+            for name, f, variation in zip(args.variations, factors, variations):
+                old = old_runs.get(name, {})
+                entry = {"name": name, "role": "variation", "factor": f,
+                         "changed": described.get(name, old.get("changed", ""))}
+                covered = set(variation) | {c for c in kept
+                                            if c in old.get("chapters", chapters)}
+                if len(covered) < len(chapters):
+                    entry["chapters"] = [c for c in chapters if c in covered]
+                runs.append(entry)
             how = (f"reference = run {args.reference!r} (the run that made the committed "
                    "notebooks); band = reference ± max(over the variation runs: the run's "
                    "factor × its distance from the reference; "
@@ -349,7 +394,11 @@ def main_bands(argv: list[str]) -> int:
                    "moved must match exactly; a run listing its chapters covered only those. "
                    "Made with `python -m companion bands make "
                    f"{' '.join([args.reference, *args.variations])}"
-                   + "".join(f" --run-factor {item}" for item in args.run_factor) + "`.")
+                   + "".join(f" --run-factor {item}" for item in args.run_factor)
+                   + (f" --keep {' '.join(args.keep)}" if args.keep else "") + "`"
+                   + (f"; the bands of {', '.join(args.keep)} were kept from the file "
+                      "before, made from the same runs of those chapters" if args.keep else "")
+                   + ".")
             path = save_reference(args.output, bands, runs, args.factor, args.floor_fraction,
                                   how)
             n = sum(len(m) for m in bands.values())

@@ -253,3 +253,55 @@ def test_a_variation_run_that_stopped_part_way_bands_only_the_chapters_it_reache
         make_bands({"3.2": {"acc": 0.46}}, [{"3.1.1": {"r1": 0.9}}])
     with pytest.raises(BandError, match="a band needs at least one variation run"):
         make_band(0.5, [None])
+
+
+def test_make_keeps_unchanged_chapters_and_remakes_the_rest_from_runs_that_cover_them(tmp_path,
+                                                                                      capsys):
+    """``bands make --keep``: after a change that touched only some notebooks, their bands are
+    re-made from new runs while the other chapters keep theirs (and their runs' values)."""
+    from companion.bands import main_bands
+
+    ids = [c.id for c in BOOK.chapters]
+    out = tmp_path / "reference.json"
+    ref, seed1 = _fake_run(tmp_path / "ref", 0.50), _fake_run(tmp_path / "seed1", 0.48)
+    assert main_bands(["make", str(ref), str(seed1), "--output", str(out),
+                       "--describe", f"{seed1}=seed 1"]) == 0
+    # the change: chapters 3.2 onwards re-run for the reference, the seed-1 run not repeated
+    new_ref, new_seed1 = tmp_path / "new_ref", tmp_path / "new_seed1"
+    for chapter in ids[ids.index("3.2"):]:
+        path = metrics_path(new_ref, chapter)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"accuracy": 0.70, "steps": 100, "curve": [1]}))
+    (new_seed1 / "metrics").mkdir(parents=True)
+    assert main_bands(["make", str(new_ref), str(new_seed1), "--output", str(out),
+                       "--keep", *ids[:ids.index("3.2")]]) == 2
+    assert "was made from the runs" in capsys.readouterr().err  # other run names: refused
+    kept = ids[:ids.index("3.2")]
+    # same names, new contents: the reference run's metrics replaced, the seed-1 run's gone
+    for chapter in ids:
+        metrics_path(seed1, chapter).unlink()
+        if chapter not in kept:
+            metrics_path(ref, chapter).write_text(metrics_path(new_ref, chapter).read_text())
+    assert main_bands(["make", str(ref), str(seed1), "--output", str(out),
+                       "--keep", *kept]) == 2  # no run covers 3.2 now: nothing to band it by
+    assert "no variation run has metrics for chapter 3.2" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert main_bands(["make", str(ref), str(seed1), "--output", str(out),
+                       "--keep", *kept, "3.9"]) == 2
+    assert "--keep 3.9: no such chapter" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == data  # a refused make leaves the file as it was
+    for chapter in ids:  # the seed-1 run repeated for the changed chapters
+        if chapter not in kept:
+            metrics_path(seed1, chapter).write_text(
+                json.dumps({"accuracy": 0.69, "steps": 100, "curve": [1]}))
+    assert main_bands(["make", str(ref), str(seed1), "--output", str(out),
+                       "--keep", *kept]) == 0
+    data = json.loads(out.read_text())
+    assert data["chapters"]["3.1.1"]["accuracy"] == {  # kept, with the old run's value
+        "reference": 0.5, "low": pytest.approx(0.44), "high": pytest.approx(0.56),
+        "runs": [0.48]}
+    assert data["chapters"]["3.2"]["accuracy"]["reference"] == 0.7
+    assert data["chapters"]["3.2"]["accuracy"]["runs"] == [0.69]
+    assert data["runs"][1]["changed"] == "seed 1"  # the description survives
+    assert "chapters" not in data["runs"][1]  # it covers every chapter, old and new
+    assert "--keep" in data["how"] and "were kept" in data["how"]
