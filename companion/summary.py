@@ -18,6 +18,14 @@ class Measure:
     path: str            # "a/b/c" inside the chapter's metrics JSON
     label: str
     fmt: str = "{:.3f}"
+    target: tuple[str, float] | None = None  # (">=" or "<=", value): a figure to reach
+
+    def meets(self, value) -> bool | None:
+        """Whether ``value`` reaches the target (``None``: no target, or no value)."""
+        if self.target is None or not isinstance(value, (int, float)):
+            return None
+        op, bound = self.target
+        return value >= bound if op == ">=" else value <= bound
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,30 @@ SUMMARY_ROWS = (
                "以上全部 / all of the above", "按阶段表 / as the stage table says",
                (Measure("3.4", "stage2/mean_task_accuracy", "mean task accuracy after stage 2"),
                 Measure("3.4", "dpo/mean_task_accuracy", "after DPO"))),
+)
+
+# the competent model's targets (the chapter's model must be strong enough for 3.3 and 3.4 to
+# show their lessons): the LM told the scene in words, what the vision tokens carry, CLIP's
+# retrieval, and the 3.2 model after stage 2, all on held-out scenes
+TARGET_ROWS = (
+    SummaryRow("目标 / the competent model's targets", "有能力的模型 / a model the lessons need",
+               "留出场景 / held-out scenes", "—",
+               (Measure("3.2", "text_lm_mean_task_accuracy",
+                        "the LM told the scene in words: mean task accuracy", target=(">=", 0.95)),
+                Measure("3.2", "probe_shape_accuracy", "probe on the vision tokens: shape",
+                        target=(">=", 0.98)),
+                Measure("3.2", "probe_color_accuracy", "probe on the vision tokens: colour",
+                        target=(">=", 0.98)),
+                Measure("3.2", "probe_size_accuracy", "probe on the vision tokens: size",
+                        target=(">=", 0.98)),
+                Measure("3.1.1", "heldout_i2t_R@1", "CLIP held-out image→text R@1",
+                        target=(">=", 0.90)),
+                Measure("3.2", "stage2_mean_task_accuracy", "after stage 2: mean task accuracy",
+                        target=(">=", 0.85)),
+                Measure("3.2", "stage2_min_task_accuracy",
+                        "after stage 2: the weakest task type's accuracy", target=(">=", 0.70)),
+                Measure("3.2", "stage2_hallucination_rate", "after stage 2: hallucination rate",
+                        target=("<=", 0.10)))),
 )
 
 
@@ -114,7 +146,10 @@ def summary_rows(metrics_dir, rows=SUMMARY_ROWS) -> list[dict]:
             out.append({"stage": row.stage, "goal": row.goal, "data": row.data,
                         "trains": row.trains, "measure": measure.label, "value": value,
                         "shown": measure.fmt.format(value) if isinstance(value, (int, float))
-                        else "—", "source": source})
+                        else "—", "source": source,
+                        "target": (f"{'≥' if measure.target[0] == '>=' else '≤'} "
+                                   f"{measure.target[1]:g}" if measure.target else ""),
+                        "met": measure.meets(value)})
     return out
 
 

@@ -190,9 +190,10 @@ SMOKE_EXPECTATIONS = {
 
 def _smoke_expectations(chapter_id: str) -> list[str]:
     """The chapter's own expectations plus every metric the 3.5 summary reads from it."""
-    from companion.summary import SUMMARY_ROWS
+    from companion.summary import SUMMARY_ROWS, TARGET_ROWS
 
-    read = [m.path for row in SUMMARY_ROWS for m in row.measures if m.chapter == chapter_id]
+    read = [m.path for row in SUMMARY_ROWS + TARGET_ROWS for m in row.measures
+            if m.chapter == chapter_id]
     return SMOKE_EXPECTATIONS.get(chapter_id, []) + read
 
 

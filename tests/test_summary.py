@@ -55,3 +55,19 @@ def test_gpu_guide_lists_every_chapter_with_its_real_checkpoint_parameters():
     assert guide["3.2"]["book"] == "python -m companion book run 3.2 --profile gpu"
     assert "-p device 'cuda'" in guide["3.2"]["papermill"]
     assert "-p output_dir ../build/gpu" in guide["3.2"]["papermill"]
+
+
+def test_targets_say_whether_each_figure_reaches_its_bound(tmp_path):
+    from companion.summary import TARGET_ROWS
+
+    (tmp_path / "3.2.json").write_text(json.dumps({
+        "text_lm_mean_task_accuracy": 0.95, "stage2_hallucination_rate": 0.12,
+        "probe_shape_accuracy": 0.979}))
+    rows = {r["measure"]: r for r in summary_rows(tmp_path, TARGET_ROWS)}
+    assert len(rows) == len(TARGET_ROWS[0].measures)
+    told = rows["the LM told the scene in words: mean task accuracy"]
+    assert (told["met"], told["target"]) == (True, "≥ 0.95")  # the bound itself is reached
+    assert rows["after stage 2: hallucination rate"]["met"] is False  # ≤ 0.10
+    assert rows["probe on the vision tokens: shape"]["met"] is False
+    assert rows["CLIP held-out image→text R@1"]["met"] is None  # 3.1.1 not run
+    assert all(r["target"] == "" and r["met"] is None for r in summary_rows(tmp_path))
