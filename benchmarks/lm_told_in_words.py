@@ -35,15 +35,12 @@ from companion.instruction import evaluate_tasks  # noqa: E402
 from companion.runtime import setup  # noqa: E402
 from companion.tokenizer import world_tokenizer  # noqa: E402
 from companion.vlm import (LMRecipe, TinyLMConfig, lm_training_examples,  # noqa: E402
-                           pretrain_lm, text_only_conversations)
-from companion.world import make_instruction_dataset, make_scenes  # noqa: E402
+                           pretrain_lm, told_in_words)
+from companion.world import make_scenes  # noqa: E402
 
 
 def _told_in_words(scenes, seed, max_new_tokens, boxes=False):
-    by_id = {s.scene_id: s for s in scenes}
-    records = make_instruction_dataset(scenes, seed=seed)
-    text = [{**r, "conversations": c}
-            for r, c in zip(records, text_only_conversations(records, by_id, boxes))]
+    text, by_id = told_in_words(scenes, seed, boxes)
     return lambda model, tok: evaluate_tasks(model, tok, text, by_id, None,
                                              max_new_tokens=max_new_tokens)
 

@@ -413,19 +413,18 @@ class InstructionRecipe:
     clip_train_scenes: int = 8000   # the CLIP recipe of 3.1.1
     clip_steps: int = 1800
     clip_batch_size: int = 64
-    lm_scenes: int = 3000           # the text-only LM recipe
-    lm_steps: int = 600
+    lm_scenes: int = 20000          # the text-only LM recipe (companion.vlm.LMRecipe)
+    lm_steps: int = 2000
     train_scenes: int = 3000        # scenes of the instruction data
     stage1_steps: int = 300
     stage1_lr: float = 1e-3
     stage2_steps: int = 1600
     stage2_lr: float = 2e-3
     batch_size: int = 32
-    # --- options added later; each enters the cache key only when it is not its default
-    lm_loss_on: str = "all"             # the LM's pretraining loss: "all" tokens or "replies"
-    lm_questions_per_conversation: int = 1  # questions per LM pretraining conversation
-    answer_style: str = "verdict_first"  # or "evidence_first": the LM's and stage 2's data
-    questions_per_conversation: int = 1  # questions per stage-2 record (merge_records)
+    lm_loss_on: str = "replies"         # the LM's pretraining loss: "replies" or "all" tokens
+    lm_questions_per_conversation: int = 6  # questions per LM pretraining conversation
+    answer_style: str = "evidence_first"  # or "verdict_first": the LM's and stage 2's data
+    questions_per_conversation: int = 3  # questions per stage-2 record (merge_records)
     annotator_hallucination_rate: float = 0.0  # share of long-form stage-2 answers written
                                                # by a careless annotator (world.careless_...)
     vision_cache: bool = False          # train stages 1 and 2 from cached tower features
@@ -449,15 +448,10 @@ class InstructionRecipe:
         self.lm_recipe()  # the LM's options are checked there
 
     def to_dict(self) -> dict:
-        """The recipe as cache keys read it: options added after the first cached models
-        appear only when set, so models cached before they existed are still found."""
+        """The recipe as cache keys read it."""
         from dataclasses import asdict
 
-        data = asdict(self)
-        for name, default in _LATER_SFT_OPTIONS.items():
-            if data[name] == default:
-                del data[name]
-        return data
+        return asdict(self)
 
     def clip_recipe(self):
         from companion.clip import ClipRecipe
@@ -474,11 +468,6 @@ class InstructionRecipe:
                         scenes=self.lm_scenes, steps=self.lm_steps, loss_on=self.lm_loss_on,
                         questions_per_conversation=self.lm_questions_per_conversation,
                         answer_style=self.answer_style, max_length=512 if merged else 256)
-
-
-_LATER_SFT_OPTIONS = {"lm_loss_on": "all", "lm_questions_per_conversation": 1,
-                      "answer_style": "verdict_first", "questions_per_conversation": 1,
-                      "annotator_hallucination_rate": 0.0, "vision_cache": False}
 
 
 def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
@@ -585,12 +574,13 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
                 batch_size: int, seed: int, pad_id: int, device=None, progress: bool = False,
                 log: Callable[[str], None] | None = print, parts: Sequence[str] | None = None,
                 warmup_fraction: float = 0.03, lr_scale: dict[str, float] | None = None,
-                checkpoint=None):
+                checkpoint=None, after_step: Callable[[int], None] | None = None):
     """Freeze ``model`` as LLaVA's ``stage`` does (see :mod:`companion.stages`), or so that
     exactly ``parts`` learn when given, and train it on ``data`` with the assistant-only
     loss; returns the training history. ``lr_scale`` maps parameter-name prefixes to
     learning-rate multipliers (e.g. ``{"model.vision_tower.": 0.1}``); ``checkpoint`` a
-    :class:`~companion.train.Checkpointing` for mid-stage checkpoints."""
+    :class:`~companion.train.Checkpointing` for mid-stage checkpoints; ``after_step(step)``
+    runs after each optimiser step (e.g. to measure the model part-way)."""
     from companion.stages import apply_stage, set_trainable
     from companion.train import TrainConfig, train
 
@@ -608,7 +598,7 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
     return train(model, lambda batch: instruction_tuning_step(model, batch),
                  lambda step: data.batch(batch_size, step, seed=seed, pad_id=pad_id),
                  config, device=device, print_fn=log or (lambda _: None), lr_scale=lr_scale,
-                 batch_weight=label_tokens, checkpoint=checkpoint)
+                 batch_weight=label_tokens, checkpoint=checkpoint, after_step=after_step)
 
 
 def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:

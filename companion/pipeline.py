@@ -111,7 +111,16 @@ def _stage(name, goal, data, trains, lr, batch_size, epochs, warmup=0.03, beta=0
     return Stage(name, goal, data, tuple(trains), lr, batch_size, epochs, warmup, beta)
 
 
+# The pipeline's text recipe is the chapter's first, cheaper one: one question per
+# conversation, loss on every token, verdicts before evidence. Section 3.2's LM (LMRecipe's
+# defaults: six questions per 512-token conversation, loss on the replies, evidence first,
+# 2,000 steps on 20,000 scenes) takes about 9 minutes here, more than 3.4 can spend on one
+# of its five stages; the stage table below sizes the pipeline's LM in epochs of its own.
+PIPELINE_LM_TEXT = {"loss_on": "all", "questions_per_conversation": 1,
+                    "answer_style": "verdict_first", "max_length": 256}
+
 # this machine: the chapter's defaults (3.1.1, 3.2 and 3.3.3), written as epochs
+# (the lm stage: 3.2's first LM recipe, 3000 scenes and 600 steps; see PIPELINE_LM_TEXT)
 CPU_STAGES = (
     _stage("vision", "align images and text (CLIP, InfoNCE)", "image-caption pairs", ["clip"],
            3e-3, 64, 14.4, 0.05),
@@ -309,7 +318,7 @@ def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> 
     steps = stage.steps(config.lm_scenes)
     recipe = LMRecipe(seed=config.seed, tokenizer_scenes=config.tokenizer_scenes,
                       scenes=config.lm_scenes, steps=steps, batch_size=stage.batch_size,
-                      lr=stage.lr)
+                      lr=stage.lr, **PIPELINE_LM_TEXT)
     model, history = pretrain_lm(recipe, ctx["tokenizer"], device=ctx["device"],
                                  checkpoint=ctx["checkpoint"])
     if folder is not None:
@@ -330,7 +339,8 @@ def stage_records(config: PipelineConfig, stage: Stage, ctx: dict | None = None)
     ctx = ctx if ctx is not None else {}
     if "sft_records" not in ctx:
         ctx["sft_records"] = instruction_records(
-            InstructionRecipe(seed=config.seed, train_scenes=config.sft_scenes))
+            InstructionRecipe(seed=config.seed, train_scenes=config.sft_scenes,
+                              answer_style=PIPELINE_LM_TEXT["answer_style"]))
     by_id, records = ctx["sft_records"]
     tasks = stage.tasks or (("description",) if stage.name == "stage1" else TASK_TYPES)
     records = select_tasks(records, [t for t in TASK_TYPES if t in tasks])

@@ -159,17 +159,17 @@ class LMRecipe:
 
     seed: int = 0
     tokenizer_scenes: int = 2000
-    scenes: int = 3000          # scenes whose text-only conversations make the corpus
-    steps: int = 600
+    scenes: int = 20000         # scenes whose text-only conversations make the corpus
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
     sizes: TinyLMConfig = TinyLMConfig()
-    max_length: int = 256
-    # what the loss reads: "all" tokens of the conversation (plain language modelling) or
-    # only the assistant's "replies" (the scene's description is context, never a target)
-    loss_on: str = "all"
-    questions_per_conversation: int = 1  # >1: several questions about a scene in one record
-    answer_style: str = "verdict_first"  # or "evidence_first" (companion.world)
+    max_length: int = 512
+    # what the loss reads: only the assistant's "replies" (the scene's description is
+    # context, never a target, as in instruction tuning) or "all" tokens (plain LM loss)
+    loss_on: str = "replies"
+    questions_per_conversation: int = 6  # questions about one scene in one conversation
+    answer_style: str = "evidence_first"  # or "verdict_first" (companion.world)
     scene_boxes: bool = False  # the scene in words carries each object's box (grounding)
 
     def __post_init__(self):
@@ -188,18 +188,8 @@ class LMRecipe:
                              f"max_positions={self.sizes.max_positions}")
 
     def to_dict(self) -> dict:
-        """The recipe as the cache key reads it. The options added after the first cached
-        LMs (``loss_on`` and those after it) enter only when they differ from their
-        defaults, so a default LM cached before they existed is still found."""
-        data = asdict(self)
-        for name, default in _LATER_OPTIONS.items():
-            if data[name] == default:
-                del data[name]
-        return data
-
-
-_LATER_OPTIONS = {"loss_on": "all", "questions_per_conversation": 1,
-                  "answer_style": "verdict_first", "scene_boxes": False}
+        """The recipe as the cache key reads it."""
+        return asdict(self)
 
 
 def lm_reply_labels(chat: dict) -> list[int]:
@@ -260,8 +250,62 @@ def lm_training_examples(recipe: LMRecipe, tokenizer) -> list[dict]:
     return encoded
 
 
-def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="cpu", log=print):
-    """The text-pretrained LM, from the cache or trained now (keyed by the recipe)."""
+def told_in_words(scenes, seed: int, boxes: bool = False) -> tuple[list[dict], dict]:
+    """``(records, scenes_by_id)``: one record of each task type per scene, with ``<image>``
+    replaced by the scene in words, to measure what an LM can do with a perfect description
+    of the scene (3.2's "text LM" column; the ceiling of a VLM built on that LM)."""
+    from companion.world import make_instruction_dataset
+
+    by_id = {s.scene_id: s for s in scenes}
+    records = make_instruction_dataset(scenes, seed=seed)
+    return ([{**r, "conversations": c}
+             for r, c in zip(records, text_only_conversations(records, by_id, boxes))], by_id)
+
+
+# the LM's held-out curve, measured while it trains (cached with it): the first scenes of
+# 3.2's held-out set (seed + 3, ids from 40,000,000), at these steps and at the last
+LM_CURVE_STEPS = (250, 500, 1000, 1500)
+LM_CURVE_SCENES = 50
+LM_CURVE_MAX_NEW_TOKENS = 48
+
+
+def pretrain_lm_with_curve(recipe: LMRecipe, tokenizer, device="cpu"):
+    """:func:`pretrain_lm`, measuring the LM part-way on held-out scenes told in words;
+    returns ``(model, history, curve)``, each curve point ``{"step", "tokens",
+    "mean_task_accuracy", "by_task"}`` (tokens: training tokens seen, padding excluded)."""
+    import torch
+
+    from companion.instruction import evaluate_tasks
+    from companion.world import make_scenes
+
+    scenes = make_scenes(LM_CURVE_SCENES, seed=recipe.seed + 3, start_id=40_000_000)
+    records, by_id = told_in_words(scenes, recipe.seed + 3, recipe.scene_boxes)
+    examples = lm_training_examples(recipe, tokenizer)
+    tokens_per_step = recipe.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples)
+    steps = {s for s in LM_CURVE_STEPS if s < recipe.steps} | {recipe.steps}
+    curve = []
+
+    def measure(step, model):
+        if step + 1 not in steps:
+            return
+        model.eval()
+        with torch.no_grad():
+            scores = evaluate_tasks(model, tokenizer, records, by_id, None,
+                                    max_new_tokens=LM_CURVE_MAX_NEW_TOKENS)
+        model.train()
+        curve.append({"step": step + 1, "tokens": round((step + 1) * tokens_per_step),
+                      "mean_task_accuracy": scores.mean_task_accuracy(),
+                      "by_task": {t: v["accuracy"] for t, v in scores.by_task().items()}})
+
+    model, history = pretrain_lm(recipe, tokenizer, device=device, after_step=measure)
+    return model, history, curve
+
+
+def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="cpu", log=print,
+                  with_curve: bool = False):
+    """The text-pretrained LM, from the cache or trained now (keyed by the recipe):
+    ``(model, history)``, or ``(model, history, curve)`` with ``with_curve`` (the held-out
+    curve :func:`pretrain_lm_with_curve` measured while it trained)."""
     import json
 
     from transformers import LlamaForCausalLM
@@ -270,19 +314,26 @@ def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="
     from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
     recipe = recipe or LMRecipe()
-    # "procedure" changes whenever pretrain_lm trains differently for the same recipe
-    config = {"kind": "lm", "procedure": 2, "recipe": recipe.to_dict(),
+    # "procedure" changes whenever pretrain_lm trains differently for the same recipe, or
+    # the artifact holds something new (3: the held-out curve)
+    config = {"kind": "lm", "procedure": 3, "recipe": recipe.to_dict(),
+              "curve": {"steps": LM_CURVE_STEPS, "scenes": LM_CURVE_SCENES,
+                        "max_new_tokens": LM_CURVE_MAX_NEW_TOKENS},
               "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS,
                             "size": len(tokenizer)}}
 
     def build(folder):
-        model, history = pretrain_lm(recipe, tokenizer, device=device)
+        model, history, curve = pretrain_lm_with_curve(recipe, tokenizer, device=device)
         model.save_pretrained(folder)
         (folder / "history.json").write_text(json.dumps(history.steps))
+        (folder / "curve.json").write_text(json.dumps(curve))
 
     folder = cached_artifact(cache_dir, "lm", config, build, log=log)
     history = json.loads((folder / "history.json").read_text())
-    return LlamaForCausalLM.from_pretrained(folder).to(device), history
+    model = LlamaForCausalLM.from_pretrained(folder).to(device)
+    if with_curve:
+        return model, history, json.loads((folder / "curve.json").read_text())
+    return model, history
 
 
 # ----------------------------------------------------------------------------- the VLM

@@ -356,8 +356,7 @@ def test_instruction_tuned_vlm_is_cached_and_equals_a_published_run(tmp_path):
 
 
 def test_recipe_options_build_their_data_and_the_vision_cache_trains_the_same_model(tmp_path):
-    """The later options of InstructionRecipe: each enters the cache key only when set;
-    evidence-first, joined conversations and the careless annotator reach stage 2's data;
+    """The options of InstructionRecipe: each enters the cache key; evidence-first, joined conversations and the careless annotator reach stage 2's data;
     training from cached tower features gives the model that training from pixels gives."""
     from companion.instruction import InstructionRecipe, instruction_records, instruction_tune, \
         stage_records
@@ -365,7 +364,7 @@ def test_recipe_options_build_their_data_and_the_vision_cache_trains_the_same_mo
     base = dict(tokenizer_scenes=40, clip_train_scenes=32, clip_steps=2, clip_batch_size=8,
                 lm_scenes=10, lm_steps=2, train_scenes=8, stage1_steps=2, stage2_steps=3,
                 batch_size=4)
-    assert "vision_cache" not in InstructionRecipe(**base).to_dict()
+    assert InstructionRecipe(**base).to_dict()["vision_cache"] is False
     options = dict(lm_loss_on="replies", lm_questions_per_conversation=3,
                    answer_style="evidence_first", questions_per_conversation=3,
                    annotator_hallucination_rate=1.0)

@@ -1,5 +1,5 @@
-"""The text-only LM's recipe options: loss on the replies only, several questions per
-conversation, evidence-first answers, and a cache key that old default LMs still match."""
+"""The text-only LM's recipe: loss on the replies only, several questions per conversation,
+evidence-first answers, its cache key, and its held-out curve measured while it trains."""
 
 import re
 from dataclasses import asdict
@@ -39,8 +39,8 @@ def test_reply_labels_keep_exactly_the_assistant_replies_and_their_end_of_turn(t
 
 
 def test_loss_on_replies_masks_the_scene_and_questions_and_all_keeps_every_token(tokenizer):
-    plain = lm_training_examples(LMRecipe(**TINY), tokenizer)
-    replies = lm_training_examples(LMRecipe(loss_on="replies", **TINY), tokenizer)
+    plain = lm_training_examples(LMRecipe(loss_on="all", **TINY), tokenizer)
+    replies = lm_training_examples(LMRecipe(**TINY), tokenizer)  # the default: replies
     assert [e["input_ids"] for e in plain] == [e["input_ids"] for e in replies]
     assert all(e["labels"] == e["input_ids"] for e in plain)
     for example in replies:
@@ -95,13 +95,19 @@ def test_the_scene_in_words_can_carry_the_boxes_a_grounding_answer_copies():
     assert LMRecipe(scene_boxes=True).to_dict()["scene_boxes"] is True
 
 
-def test_the_default_recipes_cache_key_is_the_one_made_before_the_options_existed():
+def test_the_default_recipe_is_the_measured_one_and_every_field_is_in_its_cache_key():
+    """The defaults are the recipe benchmarks/lm_told_in_words.py measured best for its
+    cost (README, Benchmarks); a field left out of the key would let two recipes share one
+    cached LM."""
     recipe = LMRecipe()
-    before = {"seed": 0, "tokenizer_scenes": 2000, "scenes": 3000, "steps": 600,
-              "batch_size": 32, "lr": 3e-3, "sizes": asdict(TinyLMConfig()), "max_length": 256}
-    assert recipe.to_dict() == before
-    assert LMRecipe(loss_on="replies").to_dict() == {**before, "loss_on": "replies"}
-    assert LMRecipe(questions_per_conversation=6).to_dict()["questions_per_conversation"] == 6
+    assert recipe.to_dict() == {
+        "seed": 0, "tokenizer_scenes": 2000, "scenes": 20000, "steps": 2000, "batch_size": 32,
+        "lr": 3e-3, "sizes": asdict(TinyLMConfig()), "max_length": 512, "loss_on": "replies",
+        "questions_per_conversation": 6, "answer_style": "evidence_first",
+        "scene_boxes": False}
+    for change in ({"loss_on": "all"}, {"questions_per_conversation": 1},
+                   {"answer_style": "verdict_first"}, {"scene_boxes": True}):
+        assert LMRecipe(**change).to_dict() == {**recipe.to_dict(), **change}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -113,3 +119,28 @@ def test_the_default_recipes_cache_key_is_the_one_made_before_the_options_existe
 def test_impossible_lm_recipes_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         LMRecipe(**bad)
+
+
+def test_the_lm_is_measured_part_way_and_its_curve_is_cached_with_it(tokenizer, tmp_path,
+                                                                      monkeypatch):
+    import companion.vlm as vlm
+    from companion.instruction import evaluate_tasks
+    from companion.world import TASK_TYPES, make_scenes
+
+    monkeypatch.setattr(vlm, "LM_CURVE_STEPS", (2, 4, 9))  # 9: past the end, left out
+    monkeypatch.setattr(vlm, "LM_CURVE_SCENES", 2)
+    recipe = LMRecipe(steps=6, batch_size=2, **TINY)
+    model, history, curve = vlm.pretrained_lm(tmp_path, tokenizer, recipe, log=None,
+                                              with_curve=True)
+    assert [point["step"] for point in curve] == [2, 4, 6]
+    assert [point["tokens"] for point in curve] == pytest.approx(  # (each rounded)
+        [curve[0]["tokens"] * k for k in (1, 2, 3)], abs=2)
+    assert all(point["by_task"] and set(point["by_task"]) <= set(TASK_TYPES) for point in curve)
+    # the last point measured the model that was saved: the loaded one scores the same
+    records, by_id = vlm.told_in_words(make_scenes(2, seed=3, start_id=40_000_000), 3)
+    assert evaluate_tasks(model, tokenizer, records, by_id, None,
+                          max_new_tokens=vlm.LM_CURVE_MAX_NEW_TOKENS).mean_task_accuracy() == (
+        curve[-1]["mean_task_accuracy"])
+    assert len(history) == 6
+    monkeypatch.setattr(vlm, "pretrain_lm_with_curve", None)  # a second call must not train
+    assert vlm.pretrained_lm(tmp_path, tokenizer, recipe, log=None, with_curve=True)[2] == curve
