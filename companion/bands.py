@@ -301,6 +301,36 @@ def kept_bands(path, keep: Sequence[str], names: Sequence[str], chapters: Sequen
     return {c: bands[c] for c in keep}, {r["name"]: r for r in runs}
 
 
+def export_runs(path, out_dir) -> dict[str, Path]:
+    """Write each run recorded in a reference file back as a run folder,
+    ``out_dir/NAME/metrics/CHAPTER.json``, holding the figures the file kept of it (the
+    banded numbers: no curves, strings or times). A run that did not cover a chapter gets no
+    file for it. With these folders a new reference file can be made from the old runs
+    together with new ones (a chapter re-run after a change, or a run on another CPU)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    bands = load_reference(path)
+    folders = {}
+    for index, run in enumerate(data["runs"]):
+        folder = Path(out_dir) / run["name"]
+        for chapter, metrics in bands.items():
+            values = {key: band.reference if index == 0 else band.runs[index - 1]
+                      for key, band in metrics.items()}
+            if all(v is None for v in values.values()):
+                continue
+            nested: dict = {}
+            for key, value in values.items():
+                *parents, leaf = key.split("/")
+                node = nested
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+            target = metrics_path(folder, chapter)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(nested, indent=1), encoding="utf-8")
+        folders[run["name"]] = folder
+    return folders
+
+
 # --- the command: run the variations, make the file ------------------------------------------
 
 def run_variation(name: str, overrides: dict, chapters: Sequence[str] | None = None,
@@ -351,6 +381,10 @@ def main_bands(argv: list[str]) -> int:
     p_make.add_argument("--keep", nargs="+", default=[], metavar="CHAPTER",
                         help="keep these chapters' bands from the existing file (their "
                              "notebooks did not change); the runs need cover only the others")
+    p_export = sub.add_parser("export", help="write the file's runs back as run folders "
+                                             "(DIR/NAME/metrics/), to re-make it with new runs")
+    p_export.add_argument("out_dir")
+    p_export.add_argument("--reference", default=str(REFERENCE_FILE))
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
     p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
     p_check.add_argument("--reference", default=str(REFERENCE_FILE))
@@ -359,6 +393,10 @@ def main_bands(argv: list[str]) -> int:
     try:
         if args.command == "run":
             run_variation(args.name, parse_overrides(args.param), args.chapters or None)
+            return 0
+        if args.command == "export":
+            for name, folder in export_runs(args.reference, args.out_dir).items():
+                print(f"{name}: {folder}")
             return 0
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)

@@ -305,3 +305,31 @@ def test_make_keeps_unchanged_chapters_and_remakes_the_rest_from_runs_that_cover
     assert data["runs"][1]["changed"] == "seed 1"  # the description survives
     assert "chapters" not in data["runs"][1]  # it covers every chapter, old and new
     assert "--keep" in data["how"] and "were kept" in data["how"]
+
+
+def test_export_writes_the_files_runs_back_so_the_file_can_be_re_made_from_them(tmp_path):
+    """``bands export``: each recorded run becomes a run folder again; making the file from
+    those folders gives the same bands (so old runs can be combined with new ones)."""
+    from companion.bands import export_runs, main_bands
+
+    ref = _fake_run(tmp_path / "ref", 0.50)
+    seed1 = _fake_run(tmp_path / "seed1", 0.48)
+    partial = _fake_run(tmp_path / "partial", 0.53)
+    for chapter in [c.id for c in BOOK.chapters][1:]:
+        metrics_path(partial, chapter).unlink()  # this run reached only the first chapter
+    nested = {"accuracy": 0.5, "steps": 100, "by_task": {"ocr": 0.9}}
+    for folder, scale in ((ref, 1.0), (seed1, 0.9), (partial, 1.1)):
+        first = metrics_path(folder, BOOK.chapters[0].id)
+        if first.exists():
+            first.write_text(json.dumps({**nested, "by_task": {"ocr": 0.9 * scale}}))
+    out = tmp_path / "reference.json"
+    assert main_bands(["make", str(ref), str(seed1), str(partial), "--output", str(out)]) == 0
+    folders = export_runs(out, tmp_path / "exported")
+    assert list(folders) == [str(ref), str(seed1), str(partial)]
+    exported = json.loads(metrics_path(folders[str(ref)], BOOK.chapters[0].id).read_text())
+    assert exported == {"accuracy": 0.5, "steps": 100, "by_task": {"ocr": 0.9}}
+    assert not metrics_path(folders[str(partial)], BOOK.chapters[1].id).exists()
+    again = tmp_path / "again.json"
+    assert main_bands(["make", str(folders[str(ref)]), str(folders[str(seed1)]),
+                       str(folders[str(partial)]), "--output", str(again)]) == 0
+    assert load_reference(again) == load_reference(out)
