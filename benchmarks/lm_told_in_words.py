@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         curve.append(row)
         print(json.dumps(row), flush=True)
 
-    pretrain_lm(recipe, tokenizer, after_step=measure)
+    pretrain_lm(recipe, tokenizer, after_step=measure, examples=examples)
     result = {"name": args.name, "recipe": recipe.to_dict(), "threads": args.threads,
               "curve": curve}
     if args.out:

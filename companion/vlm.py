@@ -202,17 +202,18 @@ def lm_reply_labels(chat: dict) -> list[int]:
 
 
 def pretrain_lm(recipe: LMRecipe, tokenizer, device="cpu", log_every: int = 0,
-                checkpoint=None, after_step=None):
+                checkpoint=None, after_step=None, examples=None):
     """Train a tiny LM on text-only conversations; returns ``(model, history)``.
     ``checkpoint``: a :class:`~companion.train.Checkpointing` for mid-run checkpoints;
     ``after_step(step, model)``: called after each optimiser step (e.g. to measure the LM
-    part-way, for a curve of accuracy against compute)."""
+    part-way, for a curve of accuracy against compute); ``examples``: the recipe's
+    :func:`lm_training_examples`, when the caller has already encoded them."""
     from companion.train import TrainConfig, train
 
     from companion.instruction import grouped_rows, label_tokens, pad_examples
 
     model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
-    encoded = lm_training_examples(recipe, tokenizer)
+    encoded = examples if examples is not None else lm_training_examples(recipe, tokenizer)
     lengths = [len(e["input_ids"]) for e in encoded]
     model.to(device)
 
@@ -297,7 +298,8 @@ def pretrain_lm_with_curve(recipe: LMRecipe, tokenizer, device="cpu"):
                       "mean_task_accuracy": scores.mean_task_accuracy(),
                       "by_task": {t: v["accuracy"] for t, v in scores.by_task().items()}})
 
-    model, history = pretrain_lm(recipe, tokenizer, device=device, after_step=measure)
+    model, history = pretrain_lm(recipe, tokenizer, device=device, after_step=measure,
+                                 examples=examples)
     return model, history, curve
 
 
