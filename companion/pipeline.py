@@ -114,7 +114,7 @@ def _stage(name, goal, data, trains, lr, batch_size, epochs, warmup=0.03, beta=0
 # The pipeline's text recipe is the chapter's first, cheaper one: one question per
 # conversation, loss on every token, verdicts before evidence. Section 3.2's LM (LMRecipe's
 # defaults: six questions per 512-token conversation, loss on the replies, evidence first,
-# 2,000 steps on 20,000 scenes) takes about 9 minutes here, more than 3.4 can spend on one
+# 2,000 steps on 20,000 scenes) takes about 8 minutes here, more than 3.4 can spend on one
 # of its five stages; the stage table below sizes the pipeline's LM in epochs of its own.
 PIPELINE_LM_TEXT = {"loss_on": "all", "questions_per_conversation": 1,
                     "answer_style": "verdict_first", "max_length": 256}
