@@ -45,8 +45,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_overrides,
-                            read_metrics, run_chapters)
+from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_command_line,
+                            parse_overrides, read_metrics, run_chapters)
 
 REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
 BANDS_DIR = ROOT / "build" / "bands"
@@ -388,7 +388,7 @@ def main_bands(argv: list[str]) -> int:
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
     p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
     p_check.add_argument("--reference", default=str(REFERENCE_FILE))
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, sub.choices, argv)
     chapters = [c.id for c in load_book().chapters]
     try:
         if args.command == "run":

@@ -472,6 +472,21 @@ def format_listing(book: Book, profile: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def parse_command_line(parser, commands: dict, argv: list[str]):
+    """Parse ``argv`` with a parser that has sub-commands (``commands``: the sub-parsers by
+    name), letting a command's positional arguments come after its options as well as
+    before (``bands run NAME -p seed=1 3.2 3.3.1``). Plain ``parse_args`` refuses the
+    chapters there: a ``nargs="*"`` positional is filled (empty) before the options."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    command = commands[args.command]
+    start = argv.index(args.command) + 1
+    for key, value in vars(command.parse_intermixed_args(argv[start:])).items():
+        setattr(args, key, value)
+    return args
+
+
 def main_book(argv: list[str]) -> int:
     import argparse
 
@@ -491,7 +506,7 @@ def main_book(argv: list[str]) -> int:
     p_html.add_argument("--profile", default="default", help="which run to render")
     p_html.add_argument("--committed", action="store_true",
                         help="render the committed notebooks instead of a run")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, sub.choices, argv)
 
     try:
         book = load_book(args.manifest)

@@ -176,6 +176,29 @@ def test_cli_list_real_book():
     assert "seed" in out and "profile smoke" in out
 
 
+def test_cli_takes_chapters_before_or_after_the_parameters():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--manifest", default="book.toml")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("name")
+    run.add_argument("chapters", nargs="*")
+    run.add_argument("-p", "--param", action="append", default=[])
+    sub.add_parser("list").add_argument("--profile")
+    for argv in (["run", "x", "3.2", "3.3.1", "-p", "seed=1"],
+                 ["run", "x", "-p", "seed=1", "3.2", "3.3.1"],
+                 ["run", "x", "-p", "seed=1", "3.2", "-p", "threads=1", "3.3.1"]):
+        args = bookmod.parse_command_line(parser, sub.choices, ["--manifest", "b.toml", *argv])
+        assert (args.command, args.name, args.chapters, args.manifest) == (
+            "run", "x", ["3.2", "3.3.1"], "b.toml"), argv
+        assert args.param[0] == "seed=1"
+    assert bookmod.parse_command_line(parser, sub.choices, ["list"]).command == "list"
+    with pytest.raises(SystemExit):  # a stray word is still refused
+        bookmod.parse_command_line(parser, sub.choices, ["list", "3.2"])
+
+
 def test_cli_bad_manifest_exit_code(tmp_path):
     path = write_book(tmp_path, extra="[bogus]\n")
     proc = subprocess.run([sys.executable, "-m", "companion", "book", "--manifest", str(path),
