@@ -279,6 +279,17 @@ def read_variation(metrics_dir, chapters: Sequence[str], may_be_absent: bool = F
         raise
 
 
+def recorded_runs(path) -> dict[str, dict]:
+    """The runs an existing reference file records, by name (none when there is no file):
+    a run made again under the same name keeps what the file said it changed, unless
+    ``--describe`` says it anew."""
+    try:
+        runs = json.loads(Path(path).read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {r["name"]: r for r in runs if isinstance(r, dict) and "name" in r}
+
+
 def kept_bands(path, keep: Sequence[str], names: Sequence[str], chapters: Sequence[str]
                ) -> tuple[dict[str, dict[str, Band]], dict[str, dict]]:
     """The bands of the chapters in ``keep``, read from the existing reference file, and that
@@ -402,6 +413,7 @@ def main_bands(argv: list[str]) -> int:
             described = dict(item.partition("=")[::2] for item in args.describe)
             names = [args.reference, *args.variations]
             kept, old_runs = kept_bands(args.output, args.keep, names, chapters)
+            old_runs = old_runs or recorded_runs(args.output)  # their descriptions carry over
             fresh = [c for c in chapters if c not in kept]
             reference = read_run(_run_folder(args.reference), fresh)
             variations = [read_variation(_run_folder(name), fresh, may_be_absent=bool(kept))

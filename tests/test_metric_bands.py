@@ -179,6 +179,10 @@ def test_bands_command_makes_a_reference_and_checks_runs_against_it(tmp_path, ca
     assert main_bands(["check", str(_fake_run(tmp_path / "broken", 0.30)),
                        "--reference", str(out)]) == 1
     assert "3.2: accuracy = 0.3 is outside [0.44, 0.56]" in capsys.readouterr().out
+    seed2 = _fake_run(tmp_path / "seed2", 0.53)  # a run added later: the old ones keep their words
+    assert main_bands(["make", str(reference), str(variation), str(seed2), "--output", str(out),
+                       "--describe", f"{seed2}=seed 2"]) == 0
+    assert [r["changed"] for r in json.loads(out.read_text())["runs"][1:]] == ["seed 1", "seed 2"]
     (variation / "metrics" / "3.4.json").unlink()
     assert main_bands(["check", str(variation), "--reference", str(out)]) == 2
     assert "chapter 3.4 wrote no metrics" in capsys.readouterr().err
