@@ -32,7 +32,7 @@ from companion.data.preference import (
     validate_preference_records,
 )
 from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
-from companion.losses.preference import bradley_terry_loss
+from companion.losses.preference import bradley_terry_loss, sequence_logprobs
 from companion.tokenizer import IMAGE_TOKEN
 
 # ----------------------------------------------------------------------------- prompts
@@ -260,21 +260,33 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardModel(nn.Module):
     """The seed's reward model: a VLM backbone and a scalar head.
 
-    ``base_model`` is a ``LlavaForConditionalGeneration`` (its LM head is not used). With
-    ``pooling="last"`` (the seed's choice, and InstructGPT's) the head reads the backbone's
-    last hidden state at the last non-padding token. With ``pooling="mean"`` it reads every
-    reply token and averages: each reply token's state has seen that token and the image, so
-    a claim that contradicts the image can be scored where it is made, instead of having to
-    be carried to the end of the sequence by attention (hard for a two-layer LM).
+    ``base_model`` is a ``LlavaForConditionalGeneration``. With ``pooling="last"`` (the
+    seed's choice, and InstructGPT's) the head reads the backbone's last hidden state at the
+    last non-padding token. With ``pooling="mean"`` it reads every reply token and averages:
+    each reply token's state has seen that token and the image, so a claim that contradicts
+    the image can be scored where it is made, instead of having to be carried to the end of
+    the sequence by attention (hard for a two-layer LM).
+
+    With ``pooling="likelihood"`` there is no new head: the reward is the model's own
+    log-probability of the reply, ``sum_t log p(y_t | y_<t, prompt)``, read through its LM
+    head, and Bradley-Terry training moves that likelihood (a *generative* reward model; it
+    is DPO's implicit reward without the reference term). Before any training it ranks
+    pairs as the SFT model's likelihood does, instead of at chance as a new head does; with
+    the scene's facts in the prompt, that likelihood already checks a reply against them.
     """
+
+    POOLINGS = ("last", "mean", "likelihood")
 
     def __init__(self, base_model, pooling: str = "last"):
         super().__init__()
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling={pooling!r}; expected 'last' or 'mean'")
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; expected one of {', '.join(self.POOLINGS)}")
         self.pooling = pooling
         self.base_model = base_model.model
         self.config = base_model.config
+        if pooling == "likelihood":
+            self.lm_head = base_model.lm_head
+            return
         hidden = base_model.config.text_config.hidden_size
         self.reward_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.reward_head.weight, std=1.0 / (hidden + 1) ** 0.5)
@@ -282,7 +294,17 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, pixel_values,
                 reply_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards (B,); ``reply_mask`` (B, T) marks the reply tokens (for mean pooling)."""
+        """Rewards (B,); ``reply_mask`` (B, T) marks the reply tokens (for mean pooling and
+        likelihood)."""
+        if self.pooling == "likelihood":
+            if reply_mask is None:
+                raise ValueError("pooling='likelihood' needs reply_mask (labels != -100)")
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as reply_logps
+            hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=positions,
+                                     pixel_values=pixel_values).last_hidden_state
+            labels = input_ids.masked_fill(~reply_mask.bool(), IGNORE_INDEX)
+            return sequence_logprobs(self.lm_head(hidden).float(), labels)
         hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                  pixel_values=pixel_values).last_hidden_state
         if self.pooling == "last":

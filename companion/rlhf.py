@@ -38,7 +38,8 @@ class RLHFRecipe:
     pairs: str = "all"              # "all" comparisons of the K replies, or "best_worst"
     noise: float = 0.0              # share of the labeler's choices flipped
     hallucination_penalty: float = 0.5
-    rm_pooling: str = "last"        # "last" (the seed's head) or "mean" over reply tokens
+    rm_pooling: str = "last"        # "last" (the seed's head), "mean" over reply tokens, or
+                                    # "likelihood" (the reply's log-prob: a generative RM)
     rm_steps: int = 200
     rm_lr: float = 3e-4
     rm_batch_size: int = 16         # pairs per step

@@ -226,6 +226,52 @@ def test_reward_model_loss_is_bradley_terry_on_its_rewards(world):
     assert 0.0 <= pair_accuracy(model, data, world["tokenizer"].pad_token_id) <= 1.0
 
 
+def test_likelihood_reward_is_the_models_own_reply_log_prob(world):
+    vlm = _vlm(world)
+    model = RewardModel(vlm, pooling="likelihood")
+    assert not hasattr(model, "reward_head")  # no new head: the LM head reads the reply
+    data = _pairs(world)
+    batch = data.batch([0, 1], world["tokenizer"].pad_token_id)
+    reply = batch["labels"] != IGNORE_INDEX
+    rewards = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], reply)
+    assert torch.allclose(rewards, reply_logps(vlm, batch), atol=1e-5)  # the policy's path
+    logits = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"]).logits.double()
+    expected = []  # float64, token by token: log p of each reply token given what precedes it
+    for row in range(len(rewards)):
+        positions = reply[row].nonzero().flatten().tolist()
+        log_p = torch.log_softmax(logits[row], dim=-1)
+        expected.append(sum(float(log_p[t - 1, batch["input_ids"][row, t]]) for t in positions))
+    assert torch.allclose(rewards.double(), torch.tensor(expected, dtype=torch.float64),
+                          atol=1e-4)
+    loss, _ = reward_model_loss(model, batch)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_likelihood_reward_ignores_padding_on_either_side_and_needs_the_reply_mask(world):
+    model = RewardModel(_vlm(world), pooling="likelihood")
+    prompts = [world["prompts"][0]["prompt"]] * 2
+    replies = ["There is one circle.", "There is one circle at the top left of the image."]
+    pixels = world["pixels"][:1].repeat(2, 1, 1, 1)
+    together = score_replies(model, world["tokenizer"], prompts, replies, pixels)  # right-padded
+    alone = score_replies(model, world["tokenizer"], prompts[:1], replies[:1], pixels[:1])
+    assert torch.allclose(together[0], alone[0], atol=1e-4)
+    batch = _pairs(world).batch([0], world["tokenizer"].pad_token_id)
+    reply = batch["labels"] != IGNORE_INDEX
+    plain = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], reply)
+    pad = torch.full((2, 3), world["tokenizer"].pad_token_id)
+    left = model(torch.cat([pad, batch["input_ids"]], 1),
+                 torch.cat([torch.zeros_like(pad), batch["attention_mask"]], 1),
+                 batch["pixel_values"], torch.cat([torch.zeros_like(pad, dtype=bool), reply], 1))
+    assert torch.allclose(plain, left, atol=1e-4)  # positions count from the first real token
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="pooling='likelihood' needs reply_mask"):
+        model(ids, torch.ones_like(ids), pixels[:1])
+    with pytest.raises(ValueError, match="expected one of last, mean, likelihood"):
+        RewardModel(_vlm(world), pooling="max")
+
+
 # ----------------------------------------------------------------------------- DPO
 
 def _pairs(world):
