@@ -1,0 +1,107 @@
+"""Section 3.3.1's reward models under other recipes: the plain one (image + reply) and the
+factual one (image + the scene in words + reply, LLaVA-RLHF's Fact-RLHF), each trained on
+the cached preference pairs of the default 3.3 recipe (the 3.2 model and its pairs from the
+cache, trained there if missing) and scored on the held-out pairs, beside the 3.2 model's
+own log-likelihood.
+
+Usage::
+
+    python benchmarks/reward_models.py '{}' '{"rm_factual": true}' \\
+        '{"rm_factual": true, "rm_steps": 800}' --out benchmarks/results/reward_models.jsonl
+
+Each argument is one run, a JSON object of ``RLHFRecipe`` fields (``rm_factual``,
+``rm_pooling``, ``rm_steps``, ``rm_lr``, ``rm_batch_size``); the pairs are always the
+default recipe's. One JSON line per run: the options, the training seconds, the held-out
+pair accuracy, by task, and the last training loss. First, for each prompt layout used, the
+free baseline: the 3.2 model's own log-likelihood of each reply (``"likelihood": true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from companion.dpo import reference_logps  # noqa: E402
+from companion.preference import score_pairs  # noqa: E402
+from companion.rlhf import (RLHFRecipe, preference_data, preference_records, rlhf_prompts,  # noqa: E402
+                            sft_model, train_reward_model)
+from companion.runtime import setup  # noqa: E402
+
+RM_FIELDS = {"rm_factual", "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size"}
+
+
+def by_task(records, correct) -> dict[str, float]:
+    tasks = sorted({r["task"] for r in records})
+    return {t: round(sum(c for r, c in zip(records, correct) if r["task"] == t)
+                     / sum(r["task"] == t for r in records), 3) for t in tasks}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="JSON")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    options = []
+    for text in args.runs:
+        option = json.loads(text)
+        unknown = set(option) - RM_FIELDS
+        if unknown:
+            parser.error(f"{text}: only reward-model fields can change here "
+                         f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
+        options.append(option)
+    device = setup(seed=0, device="cpu", threads=args.threads)
+    base = RLHFRecipe()
+    sft, processor, tokenizer = sft_model(args.cache_dir, base, device, log=None)
+    records = preference_records(args.cache_dir, base, device, log=None)
+    heldout = [r for r in records if r["split"] == "heldout"]
+    by_id = rlhf_prompts(base, processor, sft.config.vision_config.image_size)[0]
+    pad = tokenizer.pad_token_id
+    data = {}
+    for factual in sorted({bool(o.get("rm_factual", False)) for o in options}):
+        data[factual] = {split: preference_data(records, split, tokenizer, processor, sft, by_id,
+                                                factual=factual)
+                         for split in ("train", "heldout")}
+    print(f"{len(records) - len(heldout)} training pairs, {len(heldout)} held out")
+    for factual, splits in data.items():  # the free baselines: no reward model at all
+        chosen, rejected = reference_logps(sft, splits["heldout"], pad)
+        correct = (chosen > rejected).tolist()
+        row = {"options": {"likelihood": True, "rm_factual": factual},
+               "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
+               "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    for option in options:
+        recipe = dataclasses.replace(base, **option)
+        train, test = data[recipe.rm_factual]["train"], data[recipe.rm_factual]["heldout"]
+        start = time.perf_counter()
+        model, history = train_reward_model(sft, train, pad, recipe.rm_pooling, recipe.rm_steps,
+                                            recipe.rm_lr, recipe.rm_batch_size, recipe.seed,
+                                            device, log=lambda _: None)
+        seconds = time.perf_counter() - start
+        chosen, rejected = score_pairs(model, test, pad)
+        correct = (chosen > rejected).tolist()
+        row = {"options": option, "train_seconds": round(seconds, 1),
+               "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
+               "by_task": by_task(heldout, correct), "pairs_heldout": len(correct),
+               "last_train_loss": round(history.steps[-1]["loss"], 4)
+               if history.steps and "loss" in history.steps[-1] else None}
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
