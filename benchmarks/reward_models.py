@@ -18,9 +18,7 @@ free baseline: the 3.2 model's own log-likelihood of each reply (``"likelihood":
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from companion.preference import score_pairs  # noqa: E402
 from companion.rlhf import (RLHFRecipe, preference_data, preference_records, rlhf_prompts,  # noqa: E402
                             sft_model, train_reward_model)
 from companion.runtime import setup  # noqa: E402
+from levers_cli import lever_parser, parse_runs, report  # noqa: E402  (this folder)
 
 RM_FIELDS = {"rm_factual", "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size"}
 
@@ -44,20 +43,16 @@ def by_task(records, correct) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", metavar="JSON")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
-    parser.add_argument("--out", default="")
+    parser = lever_parser(__doc__)
     args = parser.parse_args(argv)
-    options = []
-    for text in args.runs:
-        option = json.loads(text)
-        unknown = set(option) - RM_FIELDS
+
+    def check(options):
+        unknown = set(options) - RM_FIELDS
         if unknown:
-            parser.error(f"{text}: only reward-model fields can change here "
-                         f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
-        options.append(option)
+            raise ValueError(f"only reward-model fields can change here "
+                             f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
+
+    options = parse_runs(parser, args.runs, check, "reward-model fields")
     device = setup(seed=0, device="cpu", threads=args.threads)
     base = RLHFRecipe()
     sft, processor, tokenizer = sft_model(args.cache_dir, base, device, log=None)
@@ -77,10 +72,7 @@ def main(argv=None) -> int:
         row = {"options": {"likelihood": True, "rm_factual": factual},
                "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
                "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}
-        print(json.dumps(row))
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
     for option in options:
         recipe = dataclasses.replace(base, **option)
         train, test = data[recipe.rm_factual]["train"], data[recipe.rm_factual]["heldout"]
@@ -96,10 +88,7 @@ def main(argv=None) -> int:
                "by_task": by_task(heldout, correct), "pairs_heldout": len(correct),
                "last_train_loss": round(history.steps[-1]["loss"], 4)
                if history.steps and "loss" in history.steps[-1] else None}
-        print(json.dumps(row))
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
     return 0
 
 

@@ -14,8 +14,6 @@ included), the held-out mean task accuracy, hallucination rate and each task typ
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,22 +25,14 @@ from companion.clip import pixel_values_for  # noqa: E402
 from companion.instruction import InstructionRecipe, evaluate_tasks, instruction_tune  # noqa: E402
 from companion.runtime import setup  # noqa: E402
 from companion.world import make_instruction_dataset, make_scenes, render_scene  # noqa: E402
+from levers_cli import lever_parser, parse_runs, report  # noqa: E402  (this folder)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", metavar="JSON")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
-    parser.add_argument("--out", default="")
+    parser = lever_parser(__doc__)
     args = parser.parse_args(argv)
-    options = []
-    for text in args.runs:
-        try:
-            options.append(json.loads(text))
-            InstructionRecipe(**options[-1])
-        except (ValueError, TypeError) as exc:
-            parser.error(f"run {text!r}: not a JSON object of InstructionRecipe fields ({exc})")
+    options = parse_runs(parser, args.runs, lambda kw: InstructionRecipe(**kw),
+                         "InstructionRecipe fields")
     test = make_scenes(60, seed=3, start_id=40_000_000)
     by_id = {s.scene_id: s for s in test}
     records = make_instruction_dataset(test, seed=3)
@@ -59,10 +49,7 @@ def main(argv=None) -> int:
                "mean": round(scores.mean_task_accuracy(), 4),
                "hallucination_rate": round(scores.hallucination_rate(), 4),
                "by_task": {t: round(v["accuracy"], 4) for t, v in scores.by_task().items()}}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
     return 0
 
 
