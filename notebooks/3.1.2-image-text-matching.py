@@ -219,7 +219,7 @@ print(inspect.getsource(sample_hard_negatives))
 # %% [markdown]
 # What the two kinds of negative look like for three images of one pool:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 pool = sample_batch(train_data, pool_size, step=0, seed=seed, phrasing="first")
 similarity = similarity_matrix(clip, pool, mining_temperature)
 generator = torch.Generator().manual_seed(seed)
