@@ -55,6 +55,14 @@ def test_a_metric_no_variation_moved_must_match_exactly():
     assert band.exact and band.contains(300.0) and not band.contains(300.0001)
 
 
+def test_a_fraction_no_variation_moved_still_gets_the_floor():
+    # an accuracy of 0 in every run so far read 1/60 on a fresh clone with other kernels
+    band = make_band(0.0, [0.0, 0.0], floor_fraction=0.05)
+    assert not band.exact and band.contains(1 / 60) and not band.contains(0.1)
+    assert make_band(1.0, [1.0]).contains(0.96)
+    assert make_band(2.0, [2.0]).exact  # a count is structural: exact
+
+
 def test_nan_everywhere_is_an_exact_nan_band_and_nan_somewhere_is_refused():
     band = make_band(math.nan, [math.nan])
     assert band.contains(math.nan) and not band.contains(0.0)
@@ -236,13 +244,13 @@ def test_make_bands_finds_each_effects_standard_error_beside_it():
                                                 "hallucination_se": 0.05}},
                          "clean_minus_noisy": {"difference": 0.031, "se": 0.02},
                          "accuracy": 0.49}}
-    bands = make_bands(reference, [variation])["3.2"]
+    bands = make_bands(reference, [variation], floor_fraction=0.02)["3.2"]
     floor = 2.0 * math.sqrt(2)
     assert bands["stage2_vs_stage1/ocr/change"].high == pytest.approx(0.7 + floor * 0.1)
     assert bands["versus_sft/DPO/hallucination_change"].high == pytest.approx(-0.1 + floor * 0.05)
     assert bands["clean_minus_noisy/difference"].high == pytest.approx(0.03 + floor * 0.02)
     assert bands["accuracy"].high == pytest.approx(0.5 + 0.03)  # no se: factor 3 × 0.01
-    assert bands["stage2_vs_stage1/ocr/se"].high == pytest.approx(0.1)  # unmoved: exact
+    assert bands["stage2_vs_stage1/ocr/se"].high == pytest.approx(0.12)  # unmoved fraction: floor
 
 
 def test_a_variation_run_that_stopped_part_way_bands_only_the_chapters_it_reached(tmp_path):
