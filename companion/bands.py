@@ -22,9 +22,11 @@ right) reads 1/60 on another CPU, as a fresh clone with other kernels showed.
 
 Every variation run counts ``factor`` (3) times, a seed run as much as a kernel run: made
 from fewer runs, with seed runs counted once, the bands let a fresh clone with another kernel
-set fall outside in 52 of its 314 metrics; taken out of the file one at a time and checked
-against bands made from the others, the runs fell outside in 223 of 1,114 checks under that
-rule, and in 27 under this one (``factor`` 3 for all, a floor of 0.05 of the scale).
+set fall outside in 52 of its 314 metrics. Each run left out in turn and checked against
+bands made from the others (:func:`cross_check`, ``bands cross-check``) fell outside in 223
+of 1,114 checks with every run counted once, a floor of 0.02 and unmoved fractions exact,
+and in 27 under this rule (``factor`` 3 for all, a floor of 0.05 of the scale): about one
+metric in 40 of a run on a new CPU may still leave its band.
 
 An effect measured with its own standard error (a ``.../change`` or ``..._change`` metric
 beside a ``.../se`` or ``..._se``) has a second floor, ``SE_FLOOR_Z * sqrt(2) * se``: two
@@ -352,6 +354,26 @@ def export_runs(path, out_dir) -> dict[str, Path]:
     return folders
 
 
+def cross_check(reference: Mapping[str, Mapping], variations: Mapping[str, Mapping[str, Mapping]],
+                factor: float = DEFAULT_FACTOR, floor_fraction: float = DEFAULT_FLOOR_FRACTION
+                ) -> dict[str, dict[str, list[str]]]:
+    """How well the band rule predicts a run it has not seen: each variation run (name ->
+    ``{chapter: metrics}``) in turn is left out, bands are made from the reference and the
+    other runs, and the left-out run is checked against them. Returns ``{run: {chapter:
+    problems}}`` for every chapter the run and at least one other run cover. A rule that
+    passes its own runs but fails left-out ones would fail the next CPU too."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, run in variations.items():
+        out[name] = {}
+        for chapter in reference:
+            others = [v for n, v in variations.items() if n != name and chapter in v]
+            if chapter not in run or not others:
+                continue
+            bands = make_bands({chapter: reference[chapter]}, others, factor, floor_fraction)
+            out[name][chapter] = check_metrics(chapter, run[chapter], bands[chapter])
+    return out
+
+
 # --- the command: run the variations, make the file ------------------------------------------
 
 def run_variation(name: str, overrides: dict, chapters: Sequence[str] | None = None,
@@ -406,6 +428,12 @@ def main_bands(argv: list[str]) -> int:
                                              "(DIR/NAME/metrics/), to re-make it with new runs")
     p_export.add_argument("out_dir")
     p_export.add_argument("--reference", default=str(REFERENCE_FILE))
+    p_cross = sub.add_parser("cross-check", help="check each variation run against bands made "
+                                                 "from the reference and the other runs")
+    p_cross.add_argument("reference")
+    p_cross.add_argument("variations", nargs="+")
+    p_cross.add_argument("--factor", type=float, default=DEFAULT_FACTOR)
+    p_cross.add_argument("--floor-fraction", type=float, default=DEFAULT_FLOOR_FRACTION)
     p_check = sub.add_parser("check", help="check a run's metrics against the reference file")
     p_check.add_argument("metrics_dir", help="a run folder holding metrics/ (e.g. build/default)")
     p_check.add_argument("--reference", default=str(REFERENCE_FILE))
@@ -418,6 +446,21 @@ def main_bands(argv: list[str]) -> int:
         if args.command == "export":
             for name, folder in export_runs(args.reference, args.out_dir).items():
                 print(f"{name}: {folder}")
+            return 0
+        if args.command == "cross-check":
+            reference = read_run(_run_folder(args.reference), chapters)
+            runs = {name: read_variation(_run_folder(name), chapters) for name in args.variations}
+            result = cross_check(reference, runs, args.factor, args.floor_fraction)
+            checks = outside = 0
+            for name, by_chapter in result.items():
+                for chapter, problems in by_chapter.items():
+                    n = len(flatten_metrics(reference[chapter]))
+                    checks, outside = checks + n, outside + len(problems)
+                    if problems:
+                        print(f"{name} left out, {chapter}: {len(problems)} of {n} outside")
+                        print("\n".join(f"    {p}" for p in problems))
+            print(f"{outside} of {checks} left-out checks outside their bands "
+                  f"(factor {args.factor:g}, floor {args.floor_fraction:g})")
             return 0
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)

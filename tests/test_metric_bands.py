@@ -97,6 +97,20 @@ def test_check_reports_outside_missing_and_unreferenced_metrics():
         "3.2: n = 11 is outside exactly 10 (the same in every variation run)"]
 
 
+def test_cross_check_leaves_each_run_out_and_checks_it_against_the_others():
+    from companion.bands import cross_check
+
+    reference = {"3.2": {"acc": 0.50, "steps": 100}}
+    runs = {"a": {"3.2": {"acc": 0.48, "steps": 100}}, "b": {"3.2": {"acc": 0.52, "steps": 100}},
+            "far": {"3.2": {"acc": 0.60, "steps": 100}}, "other": {"3.1.1": {"r1": 0.9}}}
+    result = cross_check(reference, runs, factor=3.0, floor_fraction=0.0)
+    assert result["a"] == {"3.2": []} and result["b"] == {"3.2": []}  # inside ±0.30
+    assert result["far"]["3.2"] == [  # the others give ±0.06
+        "3.2: acc = 0.6 is outside [0.44, 0.56] around the reference 0.5 "
+        "(variation runs: 0.48, 0.52)"]
+    assert result["other"] == {}  # it covers no chapter of the reference
+
+
 def test_reference_file_round_trip_and_validation(tmp_path):
     bands = make_bands({"3.1.1": {"r1": 0.91, "steps": 1800}},
                        [{"3.1.1": {"r1": 0.89, "steps": 1800}}])
