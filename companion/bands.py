@@ -26,7 +26,8 @@ set fall outside in 52 of its 314 metrics. Each run left out in turn and checked
 bands made from the others (:func:`cross_check`, ``bands cross-check``) fell outside in 223
 of 1,114 checks with every run counted once, a floor of 0.02 and unmoved fractions exact,
 and in 27 under this rule (``factor`` 3 for all, a floor of 0.05 of the scale): about one
-metric in 40 of a run on a new CPU may still leave its band.
+metric in 40 of a run on a new CPU may still leave its band (a later fresh clone with AVX2
+kernels left it in 9 of 314; with that run added, 23 of 1,428 left-out checks).
 
 An effect measured with its own standard error (a ``.../change`` or ``..._change`` metric
 beside a ``.../se`` or ``..._se``) has a second floor, ``SE_FLOOR_Z * sqrt(2) * se``: two
