@@ -59,6 +59,7 @@ from pathlib import Path
 
 from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_command_line,
                             parse_overrides, read_metrics, run_chapters)
+from companion.summary import SUMMARY_ROWS, TARGET_ROWS
 
 REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
 BANDS_DIR = ROOT / "build" / "bands"
@@ -67,6 +68,9 @@ _UNCHECKED = re.compile(r"(^|/|_)(seconds|wall|minutes|time_s)($|/|_)")
 DEFAULT_FACTOR = 3.0
 DEFAULT_FLOOR_FRACTION = 0.05
 SE_FLOOR_Z = 2.0
+# how a chapter's metrics are judged (:func:`judge_chapter`)
+TOLERATED_PER_CHAPTER = 3  # minor figures that may leave their band on a new CPU
+GROSS_FACTOR = 3.0         # ... each by at most this many times its band's half-width
 
 
 class BandError(ValueError):
@@ -201,20 +205,91 @@ def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[st
 
 def check_metrics(chapter: str, metrics: Mapping, bands: Mapping[str, Band]) -> list[str]:
     """Problems of one chapter's metrics against its bands (empty: all inside)."""
+    return [problem for _, problem in _problems(chapter, metrics, bands)]
+
+
+def _problems(chapter: str, metrics: Mapping, bands: Mapping[str, Band]
+              ) -> list[tuple[str | None, str]]:
+    """``(key, problem)`` for each metric outside its band; key None for a metric that is
+    missing or has no reference value."""
     flat = flatten_metrics(metrics)
-    problems = []
+    problems: list[tuple[str | None, str]] = []
     for key, band in bands.items():
         if key not in flat:
-            problems.append(f"{chapter}: metric {key!r} is missing (the reference has "
-                            f"{band.reference:g})")
+            problems.append((None, f"{chapter}: metric {key!r} is missing (the reference has "
+                                   f"{band.reference:g})"))
         elif not band.contains(flat[key]):
-            problems.append(f"{chapter}: {key} = {flat[key]:.4g} is outside "
-                            f"{band.describe()}")
+            problems.append((key, f"{chapter}: {key} = {flat[key]:.4g} is outside "
+                                  f"{band.describe()}"))
     for key in sorted(set(flat) - set(bands)):
-        problems.append(f"{chapter}: metric {key!r} = {flat[key]:.4g} has no reference value; "
-                        "if the notebook now writes it on purpose, re-make the reference file "
-                        "(python -m companion bands, see the README)")
+        problems.append((None, f"{chapter}: metric {key!r} = {flat[key]:.4g} has no reference "
+                               "value; if the notebook now writes it on purpose, re-make the "
+                               "reference file (python -m companion bands, see the README)"))
     return problems
+
+
+def headline_keys(chapter: str, reference_metrics: Mapping | None = None) -> set[str]:
+    """The metrics of ``chapter`` that must stay inside their bands on any CPU: the figures of
+    the chapter summary (3.5) and of the competent model's targets, and every effect the
+    chapter measured with its own standard error (whose band already allows for sampling)."""
+    keys = {m.path for row in (*SUMMARY_ROWS, *TARGET_ROWS) for m in row.measures
+            if m.chapter == chapter}
+    if reference_metrics is not None:
+        flat = flatten_metrics(reference_metrics)
+        keys |= {k for k in flat if standard_error_of(k, flat) is not None}
+    return keys
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A chapter's metrics judged against their bands: ``failures`` fail the test; minor
+    figures outside their band (``tolerated``) are reported but pass while there are few."""
+    failures: tuple[str, ...]
+    tolerated: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def judge_chapter(chapter: str, metrics: Mapping, bands: Mapping[str, Band],
+                  headline: set[str] | None = None,
+                  tolerated_per_chapter: int = TOLERATED_PER_CHAPTER,
+                  gross_factor: float = GROSS_FACTOR) -> Verdict:
+    """Whether one chapter's metrics pass (see the README's "what the test command checks").
+
+    A metric outside its band fails the chapter when it is a headline figure
+    (:func:`headline_keys`, the default for ``headline``), when its band is exact (a count or
+    a configured number of steps: rounding cannot move it), or when it lies more than
+    ``gross_factor`` half-widths from the reference. A minor figure (a per-task accuracy, one
+    arm of an ablation) slightly outside is tolerated, up to ``tolerated_per_chapter`` per
+    chapter: left out of the bands and checked against the others, runs on new kernels left
+    about one such figure in 60 outside (``bands cross-check``), two or three in a chapter
+    at once, while a broken change moves a headline figure or many minor ones. A missing,
+    new or non-finite metric always fails."""
+    if headline is None:
+        headline = headline_keys(chapter, {k: b.reference for k, b in bands.items()})
+    flat = flatten_metrics(metrics)
+    failures, minor = [], []
+    for key, problem in _problems(chapter, metrics, bands):
+        if key is None:  # missing, or no reference value
+            failures.append(problem)
+            continue
+        band = bands[key]
+        half = max(band.high - band.reference, band.reference - band.low)
+        if key in headline:
+            failures.append(f"{problem} [a headline figure]")
+        elif band.exact:
+            failures.append(f"{problem} [a structural number]")
+        elif not abs(flat[key] - band.reference) <= gross_factor * half:
+            failures.append(f"{problem} [more than {gross_factor:g} half-widths away]")
+        else:
+            minor.append(problem)
+    if len(minor) > tolerated_per_chapter:
+        failures += [f"{p} [one of {len(minor)} minor figures outside; at most "
+                     f"{tolerated_per_chapter} are tolerated]" for p in minor]
+        minor = []
+    return Verdict(tuple(failures), tuple(minor))
 
 
 def save_reference(path, bands: Mapping[str, Mapping[str, Band]], runs: Sequence[dict],
@@ -357,13 +432,14 @@ def export_runs(path, out_dir) -> dict[str, Path]:
 
 def cross_check(reference: Mapping[str, Mapping], variations: Mapping[str, Mapping[str, Mapping]],
                 factor: float = DEFAULT_FACTOR, floor_fraction: float = DEFAULT_FLOOR_FRACTION
-                ) -> dict[str, dict[str, list[str]]]:
+                ) -> dict[str, dict[str, Verdict]]:
     """How well the band rule predicts a run it has not seen: each variation run (name ->
     ``{chapter: metrics}``) in turn is left out, bands are made from the reference and the
-    other runs, and the left-out run is checked against them. Returns ``{run: {chapter:
-    problems}}`` for every chapter the run and at least one other run cover. A rule that
-    passes its own runs but fails left-out ones would fail the next CPU too."""
-    out: dict[str, dict[str, list[str]]] = {}
+    other runs, and the left-out run is judged against them (:func:`judge_chapter`). Returns
+    ``{run: {chapter: Verdict}}`` for every chapter the run and at least one other run cover;
+    a verdict's failures and tolerated figures together are every metric outside its band.
+    A rule that passes its own runs but fails left-out ones would fail the next CPU too."""
+    out: dict[str, dict[str, Verdict]] = {}
     for name, run in variations.items():
         out[name] = {}
         for chapter in reference:
@@ -371,7 +447,9 @@ def cross_check(reference: Mapping[str, Mapping], variations: Mapping[str, Mappi
             if chapter not in run or not others:
                 continue
             bands = make_bands({chapter: reference[chapter]}, others, factor, floor_fraction)
-            out[name][chapter] = check_metrics(chapter, run[chapter], bands[chapter])
+            out[name][chapter] = judge_chapter(
+                chapter, run[chapter], bands[chapter],
+                headline_keys(chapter, reference[chapter]))
     return out
 
 
@@ -452,16 +530,21 @@ def main_bands(argv: list[str]) -> int:
             reference = read_run(_run_folder(args.reference), chapters)
             runs = {name: read_variation(_run_folder(name), chapters) for name in args.variations}
             result = cross_check(reference, runs, args.factor, args.floor_fraction)
-            checks = outside = 0
+            checks = outside = judged = failed = 0
             for name, by_chapter in result.items():
-                for chapter, problems in by_chapter.items():
+                for chapter, verdict in by_chapter.items():
                     n = len(flatten_metrics(reference[chapter]))
-                    checks, outside = checks + n, outside + len(problems)
-                    if problems:
-                        print(f"{name} left out, {chapter}: {len(problems)} of {n} outside")
-                        print("\n".join(f"    {p}" for p in problems))
-            print(f"{outside} of {checks} left-out checks outside their bands "
-                  f"(factor {args.factor:g}, floor {args.floor_fraction:g})")
+                    out = len(verdict.failures) + len(verdict.tolerated)
+                    checks, outside = checks + n, outside + out
+                    judged, failed = judged + 1, failed + (not verdict.passed)
+                    if out:
+                        print(f"{name} left out, {chapter}: {out} of {n} outside, "
+                              + ("FAILS" if verdict.failures else "passes (minor figures)"))
+                        print("\n".join(f"    {p}" for p in verdict.failures + verdict.tolerated))
+            print(f"{outside} of {checks} left-out checks outside their bands; {failed} of "
+                  f"{judged} left-out chapters fail (factor {args.factor:g}, floor "
+                  f"{args.floor_fraction:g}, at most {TOLERATED_PER_CHAPTER} minor figures "
+                  "tolerated per chapter)")
             return 0
         if args.command == "make":
             described = dict(item.partition("=")[::2] for item in args.describe)
@@ -511,12 +594,24 @@ def main_bands(argv: list[str]) -> int:
             print(f"{path}: {n} metrics of {len(bands)} chapters ({exact} exact)")
             return 0
         bands = load_reference(args.reference)
-        problems = []
+        failures, tolerated = [], []
         for chapter in chapters:
             run = read_run(Path(args.metrics_dir), [chapter])
-            problems += check_metrics(chapter, run[chapter], bands.get(chapter, {}))
-        print("\n".join(problems) if problems else "every metric inside its band")
-        return 1 if problems else 0
+            verdict = judge_chapter(chapter, run[chapter], bands.get(chapter, {}))
+            failures += verdict.failures
+            tolerated += verdict.tolerated
+        for problem in tolerated:
+            print(f"tolerated (a minor figure): {problem}")
+        if failures:
+            print("\n".join(failures))
+        elif tolerated:
+            print(f"passed: every headline figure and structural number inside its band; "
+                  f"{len(tolerated)} minor figures outside, tolerated (at most "
+                  f"{TOLERATED_PER_CHAPTER} per chapter, each within {GROSS_FACTOR:g} "
+                  "half-widths)")
+        else:
+            print("every metric inside its band")
+        return 1 if failures else 0
     except (BandError, BookConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
