@@ -34,6 +34,10 @@ from companion.runtime import setup  # noqa: E402
 from levers_cli import lever_parser, parse_runs, report  # noqa: E402  (this folder)
 
 RM_FIELDS = {"rm_factual", "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size"}
+# not a recipe field (yet): train the factual likelihood reward model relative to the 3.2
+# model's log-prob of the reply *without* the facts, so that its reward is how much more
+# likely the facts make the reply (starts at the "likelihood_gain_from_facts" baseline)
+EXTRA = {"fact_gain"}
 
 
 def by_task(records, correct) -> dict[str, float]:
@@ -47,7 +51,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def check(options):
-        unknown = set(options) - RM_FIELDS
+        unknown = set(options) - RM_FIELDS - EXTRA
+        if options.get("fact_gain") and not (options.get("rm_factual")
+                                             and options.get("rm_pooling") == "likelihood"):
+            raise ValueError("fact_gain needs rm_factual true and rm_pooling 'likelihood'")
         if unknown:
             raise ValueError(f"only reward-model fields can change here "
                              f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
@@ -61,27 +68,46 @@ def main(argv=None) -> int:
     by_id = rlhf_prompts(base, processor, sft.config.vision_config.image_size)[0]
     pad = tokenizer.pad_token_id
     data = {}
-    for factual in sorted({bool(o.get("rm_factual", False)) for o in options}):
+    for factual in (False, True):  # both, for the pointwise-mutual-information baseline
         data[factual] = {split: preference_data(records, split, tokenizer, processor, sft, by_id,
                                                 factual=factual)
                          for split in ("train", "heldout")}
     print(f"{len(records) - len(heldout)} training pairs, {len(heldout)} held out")
+    for split in ("train", "heldout"):
+        if len(data[True][split]) != len(data[False][split]):
+            raise ValueError(f"{split}: the factual and plain encodings skipped different "
+                             "pairs; their scores cannot be paired")
+    logps = {}
     for factual, splits in data.items():  # the free baselines: no reward model at all
-        chosen, rejected = reference_logps(sft, splits["heldout"], pad)
+        chosen, rejected = logps[factual] = reference_logps(sft, splits["heldout"], pad)
         correct = (chosen > rejected).tolist()
         row = {"options": {"likelihood": True, "rm_factual": factual},
                "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
                "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}
         report(row, args.out)
+    # how much more likely the facts make a reply: log p(y | image, facts) - log p(y | image),
+    # the pointwise mutual information of reply and facts under the 3.2 model (no training)
+    gain_chosen = logps[True][0] - logps[False][0]
+    gain_rejected = logps[True][1] - logps[False][1]
+    correct = (gain_chosen > gain_rejected).tolist()
+    report({"options": {"likelihood_gain_from_facts": True},
+            "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
+            "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}, args.out)
     for option in options:
-        recipe = dataclasses.replace(base, **option)
+        recipe = dataclasses.replace(base, **{k: v for k, v in option.items() if k not in EXTRA})
         train, test = data[recipe.rm_factual]["train"], data[recipe.rm_factual]["heldout"]
+        offsets = test_offsets = None
+        if option.get("fact_gain"):
+            offsets = reference_logps(sft, data[False]["train"], pad)
+            test_offsets = logps[False]
         start = time.perf_counter()
         model, history = train_reward_model(sft, train, pad, recipe.rm_pooling, recipe.rm_steps,
                                             recipe.rm_lr, recipe.rm_batch_size, recipe.seed,
-                                            device, log=lambda _: None)
+                                            device, log=lambda _: None, offsets=offsets)
         seconds = time.perf_counter() - start
         chosen, rejected = score_pairs(model, test, pad)
+        if test_offsets is not None:
+            chosen, rejected = chosen - test_offsets[0], rejected - test_offsets[1]
         correct = (chosen > rejected).tolist()
         row = {"options": option, "train_seconds": round(seconds, 1),
                "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),

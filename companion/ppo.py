@@ -27,7 +27,7 @@ from torch import nn
 
 from companion.dpo import position_ids_for
 from companion.instruction import decode_reply, generate_tokens
-from companion.losses.ppo import (AdaptiveKLController, FixedKLController, gae,
+from companion.losses.ppo import (AdaptiveKLController, FixedKLController, RunningMoments, gae,
                                   ppo_policy_loss, ppo_value_loss, reward_with_kl, whiten)
 
 
@@ -145,6 +145,8 @@ class PPOConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     grad_clip: float = 1.0
+    score_norm: bool = False      # scores to unit scale by their running moments (TRL's
+                                  # use_score_norm): for reward models whose scale is large
     seed: int = 0
 
     def __post_init__(self):
@@ -179,6 +181,7 @@ def train_ppo(policy: PolicyWithValueHead, reference, tokenizer, prompts: Sequen
                   if config.adaptive_kl and config.init_kl_coef > 0
                   else FixedKLController(config.init_kl_coef))
     generator = torch.Generator().manual_seed(config.seed)
+    moments = RunningMoments() if config.score_norm else None
     history = PPOHistory()
     reference.eval()
     for iteration in range(config.iterations):
@@ -193,8 +196,12 @@ def train_ppo(policy: PolicyWithValueHead, reference, tokenizer, prompts: Sequen
             old_logps, old_values = old_logps.cpu(), old_values.cpu()
             ref_logps = reference_reply_logps(reference, batch).cpu()
             scores = reward_fn(rows, batch.texts).float().cpu()
+            used = scores
+            if moments is not None:
+                moments.update(scores)
+                used = moments.normalise(scores)
             beta = controller.value
-            rewards, kl = reward_with_kl(scores, old_logps, ref_logps, mask, beta,
+            rewards, kl = reward_with_kl(used, old_logps, ref_logps, mask, beta,
                                          kind=config.kl_kind)
             advantages, returns = gae(rewards, old_values, config.gamma, config.lam, mask)
             advantages = whiten(advantages, mask)

@@ -320,13 +320,24 @@ class RewardModel(nn.Module):
         return (per_token * weights).sum(1) / weights.sum(1)
 
 
-def reward_model_loss(model, batch: dict, margin: float = 0.0) -> tuple[torch.Tensor, dict]:
+def reward_model_loss(model, batch: dict, margin: float = 0.0,
+                      offsets: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, dict]:
     """The seed's loss on a :meth:`PreferenceData.batch`: one forward pass over chosen and
-    rejected sequences, then Bradley-Terry. Returns ``(loss, {"accuracy", "margin"})``."""
+    rejected sequences, then Bradley-Terry. Returns ``(loss, {"accuracy", "margin"})``.
+
+    ``offsets``: a fixed score per pair of the whole data set, ``(chosen (N,), rejected
+    (N,))``, subtracted from the model's rewards of the batch's rows (``batch["rows"]``), so
+    that the reward is the model's score *relative to* a fixed baseline (as DPO's implicit
+    reward is relative to the reference model's log-probs)."""
     rewards = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                     batch["labels"] != IGNORE_INDEX)
     n = batch["n_pairs"]
     chosen, rejected = rewards[:n], rewards[n:]
+    if offsets is not None:
+        rows = batch["rows"]
+        chosen = chosen - offsets[0][rows].to(chosen)
+        rejected = rejected - offsets[1][rows].to(rejected)
     loss = bradley_terry_loss(chosen, rejected, margin=margin)
     chosen, rejected = chosen.detach(), rejected.detach()
     return loss, {"accuracy": float((chosen > rejected).float().mean()),

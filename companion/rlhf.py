@@ -47,6 +47,8 @@ class RLHFRecipe:
     ppo_batch_size: int = 64
     ppo_lr: float = 5e-5
     ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
+    ppo_score_norm: bool = False    # reward-model scores to unit scale by their running
+                                    # moments before PPO (for a likelihood reward model)
     sft_checkpoint: str = ""        # a LLaVA checkpoint (hub id or folder) as policy and
                                     # reference instead of 3.2's model (then ``sft`` is unused)
     preference_json: str = ""       # preference data (TRL fields) instead of sampled pairs: a
@@ -244,9 +246,14 @@ def preference_data(records, split: str, tokenizer, processor, model, scenes_by_
 
 def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int = 200,
                        lr: float = 3e-4, batch_size: int = 16, seed: int = 0, device="cpu",
-                       log=None):
+                       log=None, offsets=None):
     """A :class:`RewardModel` started from a copy of ``sft`` (vision frozen), trained with
-    Bradley-Terry on ``data``. Returns ``(model, history)``."""
+    Bradley-Terry on ``data``; ``offsets`` (chosen, rejected scores per pair) are a fixed
+    baseline the rewards are taken relative to (:func:`reward_model_loss`). Returns
+    ``(model, history)``."""
+    if offsets is not None and not len(offsets[0]) == len(offsets[1]) == len(data):
+        raise ValueError(f"offsets for {len(offsets[0])} and {len(offsets[1])} pairs; the "
+                         f"data has {len(data)}: give one chosen and one rejected score per pair")
     from companion.preference import RewardModel, reward_model_loss, reward_trainable
     from companion.train import TrainConfig, train
 
@@ -255,7 +262,7 @@ def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int
     reward_trainable(model)
     config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.1,
                          log_every=max(1, steps // 4) if log else 0)
-    history = train(model, lambda batch: reward_model_loss(model, batch),
+    history = train(model, lambda batch: reward_model_loss(model, batch, offsets=offsets),
                     lambda step: data.draw(batch_size, step, seed, pad_id), config,
                     device=device, print_fn=log or (lambda _: None))
     return model, history
@@ -309,7 +316,7 @@ def ppo_config(recipe: RLHFRecipe, kl_coef: float | None = None):
     return PPOConfig(iterations=recipe.ppo_iterations, batch_size=recipe.ppo_batch_size,
                      lr=recipe.ppo_lr, init_kl_coef=beta, adaptive_kl=beta > 0,
                      max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
-                     seed=recipe.seed)
+                     score_norm=recipe.ppo_score_norm, seed=recipe.seed)
 
 
 def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: float | None = None,
@@ -355,7 +362,8 @@ def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=pr
 
     recipe = recipe or RLHFRecipe()
     config = {"kind": "ppo-policy", "procedure": 1, "reward_model": _rm_config(recipe),
-              "ppo": {k: v for k, v in recipe.to_dict().items() if k.startswith("ppo_")}}
+              "ppo": {k: v for k, v in recipe.to_dict().items()  # old keys stay as they were
+                      if k.startswith("ppo_") and (k != "ppo_score_norm" or v)}}
 
     def build(folder):
         sft, processor, tokenizer = sft_model(cache_dir, recipe, device, log)

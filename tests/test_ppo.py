@@ -11,6 +11,7 @@ from companion.losses.ppo import (
     KL_KINDS,
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     gae,
     kl_penalty,
     masked_mean,
@@ -491,3 +492,25 @@ def test_one_ppo_step_end_to_end():
     assert bool((logprobs.grad[~mask] == 0).all()) and bool((values.grad[~mask] == 0).all())
     assert 0 < policy_stats["clip_fraction"] < 1 and policy_stats["approx_kl"] > 0
     assert 0 <= value_stats["value_clip_fraction"] <= 1
+
+
+def test_running_moments_equal_the_moments_of_everything_seen_in_float64():
+    torch.manual_seed(0)
+    batches = [torch.randn(5) * 30 - 40, torch.randn(2, 3) + 7, torch.tensor([1.5])]
+    moments = RunningMoments()
+    assert moments.std == 1.0  # nothing seen: normalise only shifts by 0
+    for i, batch in enumerate(batches):
+        moments.update(batch)
+        seen = torch.cat([b.flatten() for b in batches[: i + 1]]).to(F64)
+        assert moments.count == seen.numel()
+        assert moments.mean == pytest.approx(float(seen.mean()), rel=1e-12)
+        assert moments.std == pytest.approx(float(seen.std()), rel=1e-12)  # unbiased, as TRL
+    x = torch.tensor([0.0, 10.0], dtype=torch.float32)
+    expected = (x.to(F64) - moments.mean) / moments.std
+    out = moments.normalise(x)
+    assert out.dtype == torch.float32 and torch.allclose(out.to(F64), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="empty batch"):
+        moments.update(torch.tensor([]))
+    with pytest.raises(ValueError, match="non-finite score"):
+        moments.update(torch.tensor([1.0, float("nan")]))
+    assert moments.count == 12  # a refused batch changes nothing

@@ -226,6 +226,29 @@ def test_reward_model_loss_is_bradley_terry_on_its_rewards(world):
     assert 0.0 <= pair_accuracy(model, data, world["tokenizer"].pad_token_id) <= 1.0
 
 
+def test_reward_model_loss_takes_rewards_relative_to_fixed_offsets_of_each_row(world):
+    model = RewardModel(_vlm(world))
+    torch.nn.init.normal_(model.reward_head.weight)
+    data = _pairs(world)
+    offsets = (torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.25]))
+    batch = data.batch([1, 0, 1], world["tokenizer"].pad_token_id)  # rows in another order
+    loss, stats = reward_model_loss(model, batch, offsets=offsets)
+    rewards = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).double()
+    rows = [1, 0, 1]
+    chosen = rewards[:3] - torch.tensor([float(offsets[0][r]) for r in rows], dtype=torch.float64)
+    rejected = rewards[3:] - torch.tensor([float(offsets[1][r]) for r in rows],
+                                          dtype=torch.float64)
+    expected = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    assert math.isclose(float(loss.detach()), float(expected.detach()), rel_tol=1e-5)
+    assert stats["accuracy"] == float((chosen > rejected).float().mean())
+    plain, _ = reward_model_loss(model, batch)
+    assert not math.isclose(float(plain.detach()), float(loss.detach()), rel_tol=1e-3)
+    from companion.rlhf import train_reward_model
+    with pytest.raises(ValueError, match="offsets for 1 and 1 pairs; the data has 2"):
+        train_reward_model(_vlm(world), data, world["tokenizer"].pad_token_id,
+                           offsets=(torch.zeros(1), torch.zeros(1)))
+
+
 def test_likelihood_reward_is_the_models_own_reply_log_prob(world):
     vlm = _vlm(world)
     model = RewardModel(vlm, pooling="likelihood")
@@ -379,6 +402,37 @@ def test_ppo_trains_the_policy_and_leaves_the_vision_tower_and_reference(world):
         assert torch.equal(p, before[name]) == ("vision_tower" in name), name
     assert all(torch.equal(p, ref_before[n]) for n, p in reference.named_parameters())
     assert history.steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # identical at the start
+
+
+def test_ppo_with_score_norm_feeds_the_scores_on_their_running_scale(world, monkeypatch):
+    import companion.ppo as ppo_module
+
+    seen = []
+    real = ppo_module.reward_with_kl
+
+    def spy(scores, *args, **kwargs):
+        seen.append(scores.clone())
+        return real(scores, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "reward_with_kl", spy)
+    raw = []
+
+    def reward_fn(rows, replies):  # a likelihood-sized score: tens of nats, spread of a few
+        scores = torch.tensor([-40.0 - 3.0 * r - len(t) for r, t in zip(rows, replies)])
+        raw.append(scores)
+        return scores
+
+    texts = [p["prompt"] for p in world["prompts"]]
+    history = train_ppo(PolicyWithValueHead(_vlm(world)), _vlm(world), world["tokenizer"],
+                        texts, world["pixels"], reward_fn,
+                        PPOConfig(iterations=2, batch_size=4, max_new_tokens=5, score_norm=True),
+                        log=None)
+    everything = torch.cat(raw).double()
+    first = (raw[0].double() - raw[0].double().mean()) / raw[0].double().std()
+    assert torch.allclose(seen[0].double(), first, atol=1e-5)  # moments of batch 1 alone
+    second = (raw[1].double() - everything.mean()) / everything.std()
+    assert torch.allclose(seen[1].double(), second, atol=1e-5)  # of both batches
+    assert history.steps[0]["reward"] == pytest.approx(float(raw[0].mean()))  # logged raw
 
 
 def test_ppo_config_errors():

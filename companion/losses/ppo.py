@@ -479,3 +479,47 @@ class FixedKLController:
 
     def __repr__(self) -> str:
         return f"FixedKLController(value={self.value:.4g})"
+
+
+# ---------------------------------------------------------------------------------------
+# reward scale
+# ---------------------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, to put the reward model's
+    scores on a unit scale before PPO adds the KL penalty (TRL's ``use_score_norm``).
+
+    Why: the value head shares the policy's trunk, so returns of tens of nats (a likelihood
+    reward model's log-probs) give value-loss gradients that swamp the policy's, and the
+    clipped gradient then mostly trains the trunk to predict values. Batches are merged
+    with Chan et al.'s parallel formula; the variance is the unbiased one.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        """Merge a batch of scores (any shape, every entry finite) into the moments."""
+        x = scores.detach().double().flatten()
+        if x.numel() == 0:
+            raise ValueError("RunningMoments.update got an empty batch of scores")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"non-finite score in {x.tolist()[:8]}...: check the reward model")
+        n, mean = x.numel(), float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def normalise(self, scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """``(scores − mean) / (std + eps)`` with the moments so far, in the scores' dtype."""
+        return ((scores.double() - self.mean) / (self.std + eps)).to(scores.dtype)
