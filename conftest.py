@@ -2,8 +2,8 @@
 
 Trained figures differ between CPUs in their last digits (each kernel set rounds its own
 way), so nbval compares a cell tagged ``trained-figures`` by its text only: every number in
-its outputs, stored and new, is replaced by ``#`` (and runs of spaces by one) before the
-comparison. Every other cell is compared exactly. The numbers themselves are guarded by
+its outputs, stored and new, is replaced by ``#`` (runs of spaces by one, and a verdict
+drawn from those numbers, such as "no clear effect", by ``VERDICT``) before the comparison. Every other cell is compared exactly. The numbers themselves are guarded by
 ``tests/test_metric_bands.py``, which compares each chapter's metrics JSON, written by the
 same nbval run, with the reference values within measured bands (``companion/bands.py``).
 """
@@ -19,9 +19,31 @@ _NUMBER = re.compile(r"[-+−]?(?:\d+(?:[.,]\d+)*|\.\d+)(?:[eE][-+]?\d+)?")
 _SPACES = re.compile(r"[ \t]+")
 
 
+_VERDICT = None  # built on first use: the verdict phrases the companion can print
+
+
+def _verdict_pattern() -> re.Pattern:
+    """Every verdict the companion prints on a measured effect (``evaluate.VERDICTS``,
+    ``rlhf.RLHF_VERDICTS``), numbers masked, longest first so that a phrase wins over a
+    word inside it."""
+    global _VERDICT
+    if _VERDICT is None:
+        from companion.evaluate import VERDICTS
+        from companion.rlhf import RLHF_VERDICTS
+
+        phrases = {_NUMBER.sub("#", p.format(max_accuracy_loss=0))
+                   for p in (*VERDICTS, *RLHF_VERDICTS)}
+        alternatives = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
+        _VERDICT = re.compile(rf"(?<![A-Za-z])(?:{alternatives})(?![A-Za-z])")
+    return _VERDICT
+
+
 def mask_numbers(text: str) -> str:
-    """The text of a trained-figures output as nbval compares it: numbers become ``#``."""
-    return _SPACES.sub(" ", _NUMBER.sub("#", text))
+    """The text of a trained-figures output as nbval compares it: numbers become ``#``, and
+    a verdict on a measured effect ("helped", "no clear effect", ...) becomes ``VERDICT``:
+    both come out of training, and another CPU or seed can move a number across the verdict's
+    two-standard-error line. Every other word is compared."""
+    return _verdict_pattern().sub("VERDICT", _SPACES.sub(" ", _NUMBER.sub("#", text)))
 
 
 def _masked(sanitize):

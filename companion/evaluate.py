@@ -215,6 +215,10 @@ def task_mean_difference(control, arm) -> dict:
             "by_task": by_task}
 
 
+# every word :func:`verdict` can return (the notebooks' nbval masking reads them as trained)
+VERDICTS = ("helped", "hurt", "no clear effect")
+
+
 def verdict(difference: float, se: float, higher_is_better: bool = True) -> str:
     """Words for a measured difference: 'helped' / 'hurt' beyond 2 standard errors, else
     'no clear effect' (also when the standard error is unknown: NaN)."""

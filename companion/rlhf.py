@@ -434,6 +434,14 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
     return row, scores
 
 
+# every verdict versus_reference_model can write (the notebooks' nbval masking reads them
+# as trained figures: a seed or another CPU can flip one)
+RLHF_VERDICTS = ("helped",
+                 "fewer hallucinations, but task accuracy fell by more than {max_accuracy_loss}",
+                 "did not help: more hallucinations",
+                 "did not help: no clear change in hallucination (within 2 se)")
+
+
 def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0.02
                            ) -> dict[str, dict]:
     """Each run of ``scores`` (name -> :class:`~companion.instruction.TaskScores` on the same
@@ -459,13 +467,13 @@ def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0
         change = verdict(hallucination["difference"], hallucination["se"],
                          higher_is_better=False)
         if change == "helped" and accuracy["difference"] >= -max_accuracy_loss:
-            word = "helped"
+            word = RLHF_VERDICTS[0]
         elif change == "helped":
-            word = f"fewer hallucinations, but task accuracy fell by more than {max_accuracy_loss}"
+            word = RLHF_VERDICTS[1].format(max_accuracy_loss=max_accuracy_loss)
         elif change == "hurt":
-            word = "did not help: more hallucinations"
+            word = RLHF_VERDICTS[2]
         else:
-            word = "did not help: no clear change in hallucination (within 2 se)"
+            word = RLHF_VERDICTS[3]
         out[name] = {"accuracy_change": accuracy["difference"], "accuracy_se": accuracy["se"],
                      "hallucination_change": hallucination["difference"],
                      "hallucination_se": hallucination["se"], "verdict": word}

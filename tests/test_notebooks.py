@@ -165,6 +165,14 @@ def test_trained_figures_are_compared_by_their_text():
     assert mask("step   360/1800  loss 1.4806") == "step #/# loss #"
     assert mask("change −0.019 ± 0.015, 1,472 captions, 1e-3") == "change # ± #, # captions, #"
     assert mask("DPO: no clear change") != mask("DPO: more hallucinations")
+    # a verdict drawn from trained figures is masked whole; the words around it are not
+    assert (mask("DPO -> did not help: more hallucinations")
+            == mask("DPO -> did not help: no clear change in hallucination (within 2 se)")
+            == "DPO -> VERDICT")
+    assert mask("+0.010 ± 0.017: no clear effect") == mask("+0.041 ± 0.017: helped") == "# ± #: VERDICT"
+    assert mask("PPO -> fewer hallucinations, but task accuracy fell by more than 0.02") == "PPO -> VERDICT"
+    assert mask("hurt: unhurt helpedness") == "VERDICT: unhurt helpedness"
+    assert mask("PPO -> helped") != mask("DPO -> helped")
 
 
 SMOKE_EXPECTATIONS = {
