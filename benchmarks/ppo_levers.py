@@ -9,7 +9,9 @@ Usage::
         "rm_lr": 1e-4}' --out benchmarks/results/ppo_levers.jsonl
 
 Each argument is one run, a JSON object of ``RLHFRecipe`` fields other than the 3.2 model's
-(``rm_*`` and ``ppo_*``). One JSON line per run: the options, the PPO seconds, the policy's
+(``rm_*`` and ``ppo_*``), and ``annotator_hallucination_rate``: the SFT model is then 3.2's
+recipe trained on machine-written data (cached, trained if missing), as the policy, the
+reference and the source of the reward model's pairs. One JSON line per run: the options, the PPO seconds, the policy's
 and the 3.2 model's held-out rows, and the changes against the 3.2 model with standard
 errors.
 """
@@ -30,6 +32,16 @@ from companion.runtime import setup  # noqa: E402
 from levers_cli import lever_parser, parse_runs, report  # noqa: E402  (this folder)
 
 TEST_SCENES = 60  # notebook 3.2's and 3.3.2's held-out scenes
+# fields of the SFT model's own recipe that may change too: the careless annotator's rate
+# trains (or loads) 3.2's recipe on machine-written data, and the pairs are sampled from it
+SFT_FIELDS = {"annotator_hallucination_rate"}
+
+
+def recipe_for(option: dict) -> RLHFRecipe:
+    sft_fields = {k: v for k, v in option.items() if k in SFT_FIELDS}
+    base = RLHFRecipe()
+    return dataclasses.replace(base, sft=dataclasses.replace(base.sft, **sft_fields),
+                               **{k: v for k, v in option.items() if k not in SFT_FIELDS})
 
 
 def main(argv=None) -> int:
@@ -37,18 +49,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def check(options):
-        bad = [k for k in options if not k.startswith(("rm_", "ppo_"))]
+        bad = [k for k in options if not k.startswith(("rm_", "ppo_")) and k not in SFT_FIELDS]
         if bad:
-            raise ValueError(f"only rm_* and ppo_* fields can change here, not {', '.join(bad)}")
-        dataclasses.replace(RLHFRecipe(), **options)
+            raise ValueError(f"only rm_* and ppo_* fields and {', '.join(sorted(SFT_FIELDS))} "
+                             f"can change here, not {', '.join(bad)}")
+        recipe_for(options)
 
     options = parse_runs(parser, args.runs, check, "RLHFRecipe fields")
     device = setup(seed=0, device="cpu", threads=args.threads)
-    base = RLHFRecipe()
-    sft, processor, tokenizer = sft_model(args.cache_dir, base, device, log=None)
-    heldout = heldout_prompts(base, TEST_SCENES, processor, sft.config.vision_config.image_size)
     for option in options:
-        recipe = dataclasses.replace(base, **option)
+        recipe = recipe_for(option)
+        # the SFT model (3.2's recipe, on machine-written data if the option says so; cached)
+        sft, processor, tokenizer = sft_model(args.cache_dir, recipe, device, log=None)
+        heldout = heldout_prompts(recipe, TEST_SCENES, processor,
+                                  sft.config.vision_config.image_size)
         reward, _ = reward_model(args.cache_dir, recipe, device, log=None)
         start = time.perf_counter()
         policy, history = run_ppo(recipe, sft, reward, tokenizer, processor, device=device)

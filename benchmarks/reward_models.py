@@ -14,6 +14,8 @@ Each argument is one run, a JSON object of ``RLHFRecipe`` fields (``rm_factual``
 default recipe's. One JSON line per run: the options, the training seconds, the held-out
 pair accuracy, by task, and the last training loss. First, for each prompt layout used, the
 free baseline: the 3.2 model's own log-likelihood of each reply (``"likelihood": true``).
+``--annotator-rate R`` does all of it for the 3.2 recipe trained on machine-written data
+(the careless annotator at rate R) and the pairs sampled from that model.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def by_task(records, correct) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = lever_parser(__doc__)
+    parser.add_argument("--annotator-rate", type=float, default=0.0,
+                        help="the SFT model is 3.2's recipe trained on machine-written data at "
+                             "this careless-annotator rate (cached, trained if missing); its "
+                             "pairs are sampled from it (default 0: the clean 3.2 model)")
     args = parser.parse_args(argv)
 
     def check(options):
@@ -62,6 +68,8 @@ def main(argv=None) -> int:
     options = parse_runs(parser, args.runs, check, "reward-model fields")
     device = setup(seed=0, device="cpu", threads=args.threads)
     base = RLHFRecipe()
+    base = dataclasses.replace(base, sft=dataclasses.replace(
+        base.sft, annotator_hallucination_rate=args.annotator_rate))
     sft, processor, tokenizer = sft_model(args.cache_dir, base, device, log=None)
     records = preference_records(args.cache_dir, base, device, log=None)
     heldout = [r for r in records if r["split"] == "heldout"]
@@ -78,10 +86,11 @@ def main(argv=None) -> int:
             raise ValueError(f"{split}: the factual and plain encodings skipped different "
                              "pairs; their scores cannot be paired")
     logps = {}
+    rate = {"annotator_hallucination_rate": args.annotator_rate} if args.annotator_rate else {}
     for factual, splits in data.items():  # the free baselines: no reward model at all
         chosen, rejected = logps[factual] = reference_logps(sft, splits["heldout"], pad)
         correct = (chosen > rejected).tolist()
-        row = {"options": {"likelihood": True, "rm_factual": factual},
+        row = {"options": {"likelihood": True, "rm_factual": factual, **rate},
                "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
                "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}
         report(row, args.out)
@@ -90,11 +99,13 @@ def main(argv=None) -> int:
     gain_chosen = logps[True][0] - logps[False][0]
     gain_rejected = logps[True][1] - logps[False][1]
     correct = (gain_chosen > gain_rejected).tolist()
-    report({"options": {"likelihood_gain_from_facts": True},
+    report({"options": {"likelihood_gain_from_facts": True, **rate},
             "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
             "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}, args.out)
     for option in options:
         recipe = dataclasses.replace(base, **{k: v for k, v in option.items() if k not in EXTRA})
+        if args.annotator_rate:
+            option = {**option, "annotator_hallucination_rate": args.annotator_rate}
         train, test = data[recipe.rm_factual]["train"], data[recipe.rm_factual]["heldout"]
         offsets = test_offsets = None
         if option.get("fact_gain"):
