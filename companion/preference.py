@@ -191,6 +191,7 @@ class PreferenceData:
     rejected: list[dict]
     pixel_values: torch.Tensor   # (N, 3, H, W)
     skipped: list[tuple[str, str]]
+    factual: bool = False        # each prompt carries the scene's facts (a factual RM's data)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -241,7 +242,8 @@ def encode_preferences(records: Sequence[dict], tokenizer, image_processor, n_im
         images.append(load_image(record))
     if not chosen:
         raise NoTargetError("no preference pair has a reply to score")
-    return PreferenceData(chosen, rejected, pixel_values_for(image_processor, images), skipped)
+    return PreferenceData(chosen, rejected, pixel_values_for(image_processor, images), skipped,
+                          factual=facts is not None)
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -277,11 +279,14 @@ class RewardModel(nn.Module):
 
     POOLINGS = ("last", "mean", "likelihood")
 
-    def __init__(self, base_model, pooling: str = "last"):
+    def __init__(self, base_model, pooling: str = "last", reads_facts: bool = False):
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"pooling={pooling!r}; expected one of {', '.join(self.POOLINGS)}")
         self.pooling = pooling
+        # a factual reward model (trained with the scene's facts in each prompt) must be
+        # scored the same way: score_pairs and score_replies refuse the other layout
+        self.reads_facts = reads_facts
         self.base_model = base_model.model
         self.config = base_model.config
         if pooling == "likelihood":
@@ -354,10 +359,25 @@ def reward_trainable(model: RewardModel) -> dict[str, int]:
     return counts
 
 
+def _check_layout(model: RewardModel, factual: bool, what: str) -> None:
+    """A reward model scores only the prompt layout it was trained on: with the scene's facts
+    (a factual reward model) or without them. The other layout gives numbers, but wrong ones."""
+    reads = getattr(model, "reads_facts", False)
+    if reads and not factual:
+        raise ValueError(f"this reward model reads the scene's facts, and {what} carry none: "
+                         "encode them with factual=True (preference_data) or pass facts= "
+                         "(score_replies)")
+    if factual and not reads:
+        raise ValueError(f"{what} carry the scene's facts, and this reward model was not "
+                         "trained with them (reads_facts=False): encode without the facts, or "
+                         "use a factual reward model")
+
+
 @torch.no_grad()
 def score_pairs(model: RewardModel, data: PreferenceData, pad_id: int,
                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of every chosen and rejected reply in ``data`` ((N,), (N,))."""
+    _check_layout(model, data.factual, "the pairs")
     model.eval()
     device = next(model.parameters()).device
     chosen, rejected = [], []
@@ -386,6 +406,7 @@ def score_replies(model: RewardModel, tokenizer, prompts: Sequence[str], replies
     ``facts`` (one text per pair) for a factual reward model (:func:`encode_preferences`)."""
     if facts is not None and len(facts) != len(prompts):
         raise ValueError(f"{len(facts)} facts for {len(prompts)} prompts: give one per prompt")
+    _check_layout(model, facts is not None, "the prompts")
     from companion.vlm import image_seq_length, image_token_id
 
     model.eval()

@@ -258,7 +258,8 @@ def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int
     from companion.train import TrainConfig, train
 
     torch.manual_seed(seed)
-    model = RewardModel(copy.deepcopy(sft), pooling=pooling).to(device)
+    model = RewardModel(copy.deepcopy(sft), pooling=pooling,
+                        reads_facts=getattr(data, "factual", False)).to(device)
     reward_trainable(model)
     config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_fraction=0.1,
                          log_every=max(1, steps // 4) if log else 0)
@@ -303,7 +304,8 @@ def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=
         (folder / "history.json").write_text(json.dumps(history.steps))
 
     folder = cached_artifact(cache_dir, "reward-model", _rm_config(recipe), build, log=log)
-    model = RewardModel(copy.deepcopy(sft), pooling=recipe.rm_pooling).to(device)
+    model = RewardModel(copy.deepcopy(sft), pooling=recipe.rm_pooling,
+                        reads_facts=recipe.rm_factual).to(device)
     model.load_state_dict(torch.load(folder / "reward_model.pt", map_location=device,
                                      weights_only=True))
     return model.eval(), json.loads((folder / "history.json").read_text())
@@ -339,7 +341,7 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
 
     def reward_fn(rows, replies):
         facts = (scene_facts(by_id, [prompts[r]["scene_id"] for r in rows])
-                 if recipe.rm_factual else None)
+                 if getattr(reward, "reads_facts", recipe.rm_factual) else None)
         return score_replies(reward, tokenizer, [texts[r] for r in rows], replies, pixels[rows],
                              facts=facts)
 
@@ -400,14 +402,14 @@ def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
 
 def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens: int = 48,
                     kl_samples: int = 2, seed: int = 0,
-                    factual: bool = False) -> tuple[dict, object]:
+                    factual: bool | None = None) -> tuple[dict, object]:
     """One row of the section's comparison, on the held-out scenes of 3.2, and the judged
     answers behind it ``(row, scores)``:
 
     - ``mean_task_accuracy`` and ``hallucination_rate``: every record played as a chat
       (greedy answers) and judged, as in 3.2;
     - ``reward``: the reward model's mean score of the greedy first answers (``factual``:
-      a factual reward model, given each scene's facts);
+      give it each scene's facts; by default, when the reward model reads them);
     - ``kl``: KL(model || reference) per reply, estimated on sampled replies.
 
     ``scores`` (a :class:`~companion.instruction.TaskScores`) lets two rows be compared
@@ -422,6 +424,8 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
                             max_new_tokens=max_new_tokens)
     first = {a["id"]: a["answer"] for a in scores.answers if a["turn"] == 0}
     texts = [p["prompt"] for p in prompts]
+    if factual is None:
+        factual = getattr(reward, "reads_facts", False)
     facts = scene_facts(by_id, [p["scene_id"] for p in prompts]) if factual else None
     rewards = score_replies(reward, tokenizer, texts, [first[p["id"]] for p in prompts], pixels,
                             facts=facts)
@@ -507,6 +511,8 @@ _NOTEBOOK_PARAMETERS = {
     "preference_json": [("rlhf", "preference_json")],
     "image_folder": [("rlhf", "image_folder")],
     "rm_factual": [("rlhf", "rm_factual")],
+    "rm_pooling": [("rlhf", "rm_pooling")],
+    "ppo_score_norm": [("rlhf", "ppo_score_norm")],
     "annotator_hallucination_rate": [("sft", "annotator_hallucination_rate")],
 }
 

@@ -175,9 +175,10 @@ plt.show()
 
 # %% tags=["trained-figures"]
 train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id,
-                             image_folder=recipe.image_root)  # files, when preference_json
+                             image_folder=recipe.image_root,  # files, when preference_json
+                             factual=recipe.rm_factual)  # the facts in each prompt, if asked
 heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id,
-                               image_folder=recipe.image_root)
+                               image_folder=recipe.image_root, factual=recipe.rm_factual)
 
 
 def heldout_accuracy(model):
@@ -261,7 +262,8 @@ for noise in noise_levels:
         noise_accuracy[noise] = accuracy
         continue
     noisy = preference_data(flip_preferences(records, noise, seed=seed), "train", tokenizer,
-                            processor, sft, scenes_by_id, image_folder=recipe.image_root)
+                            processor, sft, scenes_by_id, image_folder=recipe.image_root,
+                            factual=recipe.rm_factual)
     model, _ = train_reward_model(sft, noisy, pad, recipe.rm_pooling, rm_steps, rm_lr,
                                   seed=seed, device=dev)
     noise_accuracy[noise] = heldout_accuracy(model)[0]

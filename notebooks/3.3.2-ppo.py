@@ -83,7 +83,7 @@ from companion.plots import plot_paired_changes
 from companion.preference import score_replies
 from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy,
                             recipe_from_parameters, reward_model, rlhf_prompts, run_ppo,
-                            sft_model, versus_reference_model)
+                            scene_facts, sft_model, versus_reference_model)
 from companion.runtime import setup
 
 %matplotlib inline
@@ -113,8 +113,10 @@ batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], max_new_tokens
 with torch.no_grad():
     logps, values = reply_logps_values(policy, batch)
     ref_logps = reference_reply_logps(sft, batch)
+facts = (scene_facts(by_id, [prompts[r]["scene_id"] for r in batch.prompt_rows])
+         if reward.reads_facts else None)  # a factual reward model reads the scene in words
 scores = score_replies(reward, tokenizer, [texts[r] for r in batch.prompt_rows], batch.texts,
-                       batch.pixel_values)
+                       batch.pixel_values, facts=facts)
 rewards, kl = reward_with_kl(scores, logps, ref_logps, batch.reply_mask, beta=ppo_kl_coef)
 advantages, returns = gae(rewards, values, gamma=1.0, lam=0.95, mask=batch.reply_mask)
 row = 0

@@ -223,6 +223,34 @@ def test_chapter_runs_with_smoke_profile(chapter_id, tmp_path):
         assert isinstance(value, (int, float)) and math.isfinite(value), key
 
 
+@pytest.mark.notebook
+def test_rlhf_notebooks_run_with_the_factual_likelihood_reward_model(tmp_path):
+    """3.3.1 and 3.3.2 at smoke sizes with the reward model issue 20 measured (the scene's
+    facts in each prompt, likelihood pooling, PPO on normalised scores), set through
+    papermill parameters the notebooks do not declare (``recipe_from_parameters`` reads
+    them): every reward model in them must be scored with the prompt layout it was trained
+    on, which ``score_pairs`` and ``score_replies`` enforce."""
+    import papermill
+
+    from companion.book import metrics_path, resolve_parameters
+
+    book = load_book(ROOT / "book.toml")
+    book.build_dir = tmp_path / "build"
+    book.cache_dir = tmp_path / "cache"
+    extra = {"rm_factual": True, "rm_pooling": "likelihood", "ppo_score_norm": True}
+    for chapter_id in ("3.3.1", "3.3.2"):
+        chapter = book.chapter(chapter_id)
+        papermill.execute_notebook(
+            str(chapter.notebook), str(tmp_path / chapter.notebook.name),
+            parameters={**resolve_parameters(book, chapter, "smoke", {}), **extra},
+            kernel_name=book.kernel, cwd=str(chapter.notebook.parent), progress_bar=False)
+    run = book.run_dir("smoke")
+    rm = json.loads(metrics_path(run, "3.3.1").read_text())
+    assert 0.0 <= rm["rm_last_pair_accuracy"] <= 1.0 and 0.0 <= rm["rm_mean_pair_accuracy"] <= 1.0
+    ppo = json.loads(metrics_path(run, "3.3.2").read_text())
+    assert math.isfinite(ppo["heldout"]["PPO"]["reward"]) and math.isfinite(ppo["heldout"]["PPO"]["kl"])
+
+
 def _chapter_parameters(chapter_id: str, profile: str) -> dict:
     import ast
 

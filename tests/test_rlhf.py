@@ -15,9 +15,9 @@ from companion.preference import (RewardModel, encode_preferences, label_prefere
                                   last_token_index, load_preferences, pair_accuracy,
                                   preference_prompts, prompt_turns, reward_model_loss,
                                   reward_trainable,
-                                  sample_replies, save_preferences, score_replies,
-                                  validate_preference_records)
-from companion.rlhf import RLHFRecipe
+                                  sample_replies, save_preferences, score_pairs,
+                                  score_replies, validate_preference_records)
+from companion.rlhf import RLHFRecipe, train_reward_model
 from companion.tokenizer import train_tokenizer, world_corpus
 from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length, image_token_id
 from companion.world import make_scenes, render_scene
@@ -157,7 +157,7 @@ def test_the_factual_reward_models_pairs_read_image_facts_question_reply_in_that
     assert kept == [t for t in plain.chosen[0]["labels"] if t != IGNORE_INDEX]
     assert len(ids) - len(plain.chosen[0]["input_ids"]) >= len(fact_ids)
     # score_replies builds the same sequence
-    model = RewardModel(vlm)
+    model = RewardModel(vlm, reads_facts=True)
     torch.nn.init.normal_(model.reward_head.weight)
     pixels = world["pixels"][:1]
     with_facts = score_replies(model, tok, [_record()["prompt"]], ["There is one circle."],
@@ -177,8 +177,36 @@ def test_facts_that_cannot_be_placed_are_refused(prompt, facts, message):
         prompt_turns(prompt, facts)
 
 
+def test_a_reward_model_scores_only_the_prompt_layout_it_was_trained_on(world):
+    """A factual reward model given prompts without the facts (or a plain one given facts)
+    would return numbers, but wrong ones: score_pairs, score_replies and training refuse or
+    carry the layout, and evaluate_policy follows the reward model by default."""
+    tok, scene = world["tokenizer"], next(iter(world["scenes"].values()))
+    records = [_record(), _record(id="r1", chosen="One circle.")]
+    plain = encode_preferences(records, tok, world["processor"], 4,
+                               lambda r: render_scene(scene, 16))
+    factual = encode_preferences(records, tok, world["processor"], 4,
+                                 lambda r: render_scene(scene, 16), facts=lambda r: "Scene: x.")
+    assert not plain.factual and factual.factual
+    reads, blind = RewardModel(_vlm(world), reads_facts=True), RewardModel(_vlm(world))
+    with pytest.raises(ValueError, match="reads the scene's facts, and the pairs carry none"):
+        score_pairs(reads, plain, tok.pad_token_id)
+    with pytest.raises(ValueError, match="the pairs carry the scene's facts, and this reward"):
+        score_pairs(blind, factual, tok.pad_token_id)
+    chosen, _ = score_pairs(reads, factual, tok.pad_token_id)
+    assert len(chosen) == 2 and not chosen.requires_grad  # scores, not a graph
+    prompt, pixels = [_record()["prompt"]], world["pixels"][:1]
+    with pytest.raises(ValueError, match="the prompts carry none"):
+        score_replies(reads, tok, prompt, ["x"], pixels)
+    with pytest.raises(ValueError, match="the prompts carry the scene's facts"):
+        score_replies(blind, tok, prompt, ["x"], pixels, facts=["Scene: x."])
+    trained, _ = train_reward_model(_vlm(world), factual, tok.pad_token_id, "last", steps=1,
+                                    lr=1e-4, batch_size=2)
+    assert trained.reads_facts
+
+
 def test_score_replies_needs_one_fact_per_prompt(world):
-    model = RewardModel(_vlm(world))
+    model = RewardModel(_vlm(world), reads_facts=True)
     with pytest.raises(ValueError, match="1 facts for 2 prompts"):
         score_replies(model, world["tokenizer"], ["<image>\nA?"] * 2, ["x", "y"],
                       world["pixels"][:2], facts=["Scene: a."])
@@ -514,8 +542,10 @@ def test_recipe_from_notebook_parameters_maps_every_name():
     assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
     assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
     assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
-    factual = recipe_from_parameters({"rm_factual": True, "annotator_hallucination_rate": 0.3})
+    factual = recipe_from_parameters({"rm_factual": True, "annotator_hallucination_rate": 0.3,
+                                      "rm_pooling": "likelihood", "ppo_score_norm": True})
     assert factual.rm_factual and factual.sft.annotator_hallucination_rate == 0.3
+    assert factual.rm_pooling == "likelihood" and factual.ppo_score_norm
 
 
 def test_the_factual_reward_models_recipe_keys_and_data(world):
