@@ -3,7 +3,8 @@
 Trained figures differ between CPUs in their last digits (each kernel set rounds its own
 way), so nbval compares a cell tagged ``trained-figures`` by its text only: every number in
 its outputs, stored and new, is replaced by ``#`` (runs of spaces by one, and a verdict
-drawn from those numbers, such as "no clear effect", by ``VERDICT``) before the comparison. Every other cell is compared exactly. The numbers themselves are guarded by
+drawn from those numbers, such as "no clear effect", by ``VERDICT``) before the
+comparison. Every other cell is compared exactly. The numbers themselves are guarded by
 ``tests/test_metric_bands.py``, which compares each chapter's metrics JSON, written by the
 same nbval run, with the reference values within measured bands (``companion/bands.py``).
 """

@@ -11,9 +11,9 @@ Usage::
 Each argument is one run, a JSON object of ``RLHFRecipe`` fields other than the 3.2 model's
 (``rm_*`` and ``ppo_*``), and ``annotator_hallucination_rate``: the SFT model is then 3.2's
 recipe trained on machine-written data (cached, trained if missing), as the policy, the
-reference and the source of the reward model's pairs. One JSON line per run: the options, the PPO seconds, the policy's
-and the 3.2 model's held-out rows, and the changes against the 3.2 model with standard
-errors.
+reference and the source of the reward model's pairs. One JSON line per run: the options,
+the PPO seconds, the policy's and the 3.2 model's held-out rows, and the changes against
+the 3.2 model with standard errors.
 """
 
 from __future__ import annotations

@@ -169,8 +169,10 @@ def test_trained_figures_are_compared_by_their_text():
     assert (mask("DPO -> did not help: more hallucinations")
             == mask("DPO -> did not help: no clear change in hallucination (within 2 se)")
             == "DPO -> VERDICT")
-    assert mask("+0.010 ± 0.017: no clear effect") == mask("+0.041 ± 0.017: helped") == "# ± #: VERDICT"
-    assert mask("PPO -> fewer hallucinations, but task accuracy fell by more than 0.02") == "PPO -> VERDICT"
+    assert (mask("+0.010 ± 0.017: no clear effect") == mask("+0.041 ± 0.017: helped")
+            == "# ± #: VERDICT")
+    assert (mask("PPO -> fewer hallucinations, but task accuracy fell by more than 0.02")
+            == "PPO -> VERDICT")
     assert mask("hurt: unhurt helpedness") == "VERDICT: unhurt helpedness"
     assert mask("PPO -> helped") != mask("DPO -> helped")
 
@@ -248,7 +250,8 @@ def test_rlhf_notebooks_run_with_the_factual_likelihood_reward_model(tmp_path):
     rm = json.loads(metrics_path(run, "3.3.1").read_text())
     assert 0.0 <= rm["rm_last_pair_accuracy"] <= 1.0 and 0.0 <= rm["rm_mean_pair_accuracy"] <= 1.0
     ppo = json.loads(metrics_path(run, "3.3.2").read_text())
-    assert math.isfinite(ppo["heldout"]["PPO"]["reward"]) and math.isfinite(ppo["heldout"]["PPO"]["kl"])
+    row = ppo["heldout"]["PPO"]
+    assert math.isfinite(row["reward"]) and math.isfinite(row["kl"])
 
 
 def _chapter_parameters(chapter_id: str, profile: str) -> dict:
