@@ -14,6 +14,7 @@ does in the single-process notebooks.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -411,5 +412,11 @@ def train(
                              device, rank, world)
     if bar is not None:
         bar.close()
+    if ddp is not None:
+        # DistributedDataParallel sits in a reference cycle with its reducer; left to the
+        # collector at interpreter exit, gloo's threads abort the process ("terminate called
+        # without an active exception", exit -6) after a run that succeeded. Free it now.
+        del forward, ddp
+        gc.collect()
     model.eval()
     return history
