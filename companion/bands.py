@@ -43,10 +43,14 @@ few per-task figures land just outside. So a chapter is judged as a whole
 with its own standard error), a structural number, or a figure far outside fails it; up to
 ``TOLERATED_PER_CHAPTER`` minor figures just outside are reported and tolerated. Under that
 rule the cross-check failed 4 of 46 left-out chapters (11 when every metric counted), and
-one kernel-only run of five.
+one kernel-only run of five; with two runs of the re-made 3.3 added, 5 of 49 (21 of 1,727
+checks), two of them PPO's KL, which moves by a factor of two between kernel sets.
 
 A variation run may cover only some chapters (a run stopped part-way still measured the
 chapters it finished); its value is then ``None`` in the bands of the chapters it lacks.
+A run made before a notebook changed how some figures are made keeps the figures that did
+not change and says ``null`` for the others (:func:`null_paths`): they are then banded by
+the other runs alone.
 
 A broken change leaves the band: the lessons' effects (CLIP learning, stage 2 over stage 1)
 are far larger than the seed-to-seed spread, and a metric that disappears, appears or
@@ -67,7 +71,7 @@ from pathlib import Path
 
 from companion.book import (ROOT, BookConfigError, load_book, metrics_path, parse_command_line,
                             parse_overrides, read_metrics, run_chapters)
-from companion.summary import SUMMARY_ROWS, TARGET_ROWS
+from companion.summary import RLHF_ROWS, SUMMARY_ROWS, TARGET_ROWS
 
 REFERENCE_FILE = ROOT / "tests" / "reference_metrics.json"
 BANDS_DIR = ROOT / "build" / "bands"
@@ -83,6 +87,20 @@ GROSS_FACTOR = 3.0         # ... each by at most this many times its band's half
 
 class BandError(ValueError):
     """A reference file or a metrics file that cannot be used: the message says which."""
+
+
+def null_paths(metrics: Mapping, prefix: str = "") -> set[str]:
+    """The ``a/b/c`` paths whose value is ``null``: in a variation run's file, a figure that
+    run did not measure (the notebook changed how it is made after the run), which then adds
+    nothing to that figure's band."""
+    out = set()
+    for key, value in metrics.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out |= null_paths(value, path)
+        elif value is None:
+            out.add(path)
+    return out
 
 
 def flatten_metrics(metrics: Mapping, prefix: str = "") -> dict[str, float]:
@@ -189,19 +207,24 @@ def make_bands(reference: Mapping[str, Mapping], variations: Sequence[Mapping[st
 
     Each variation is another run's ``{chapter: metrics dict}``; a run may lack whole chapters
     (it stopped part-way), but a metric missing from a chapter it has is an error (the runs
-    must come from the same notebooks). An effect's band is at least as wide as its own
-    standard error requires (:func:`standard_error_of`).
+    must come from the same notebooks), unless the run's file says ``null`` there (a figure
+    that run did not measure: :func:`null_paths`). An effect's band is at least as wide as
+    its own standard error requires (:func:`standard_error_of`).
     """
     bands: dict[str, dict[str, Band]] = {}
     for chapter, metrics in reference.items():
         flat_ref = flatten_metrics(metrics)
         flat_vars = [flatten_metrics(v[chapter]) if chapter in v else None for v in variations]
+        unmeasured = [null_paths(v[chapter]) if chapter in v else set() for v in variations]
         if all(flat is None for flat in flat_vars):
             raise BandError(f"no variation run has metrics for chapter {chapter}")
         bands[chapter] = {}
         for key, value in flat_ref.items():
             values = []
             for number, flat in enumerate(flat_vars):
+                if flat is not None and key not in flat and key in unmeasured[number]:
+                    values.append(None)
+                    continue
                 if flat is not None and key not in flat:
                     raise BandError(f"chapter {chapter}: metric {key!r} is in the reference "
                                     f"run but not in variation run {number}")
@@ -238,9 +261,10 @@ def _problems(chapter: str, metrics: Mapping, bands: Mapping[str, Band]
 
 def headline_keys(chapter: str, reference_metrics: Mapping | None = None) -> set[str]:
     """The metrics of ``chapter`` that must stay inside their bands on any CPU: the figures of
-    the chapter summary (3.5) and of the competent model's targets, and every effect the
-    chapter measured with its own standard error (whose band already allows for sampling)."""
-    keys = {m.path for row in (*SUMMARY_ROWS, *TARGET_ROWS) for m in row.measures
+    the chapter summary (3.5) and of its targets (the competent model's, RLHF's), and every
+    effect the chapter measured with its own standard error (whose band already allows for
+    sampling)."""
+    keys = {m.path for row in (*SUMMARY_ROWS, *TARGET_ROWS, *RLHF_ROWS) for m in row.measures
             if m.chapter == chapter}
     if reference_metrics is not None:
         flat = flatten_metrics(reference_metrics)
@@ -446,7 +470,9 @@ def cross_check(reference: Mapping[str, Mapping], variations: Mapping[str, Mappi
     other runs, and the left-out run is judged against them (:func:`judge_chapter`). Returns
     ``{run: {chapter: Verdict}}`` for every chapter the run and at least one other run cover;
     a verdict's failures and tolerated figures together are every metric outside its band.
-    A rule that passes its own runs but fails left-out ones would fail the next CPU too."""
+    A rule that passes its own runs but fails left-out ones would fail the next CPU too.
+    A figure the left-out run did not measure (``null`` there), or that no other run measured,
+    is not judged."""
     out: dict[str, dict[str, Verdict]] = {}
     for name, run in variations.items():
         out[name] = {}
@@ -454,10 +480,14 @@ def cross_check(reference: Mapping[str, Mapping], variations: Mapping[str, Mappi
             others = [v for n, v in variations.items() if n != name and chapter in v]
             if chapter not in run or not others:
                 continue
-            bands = make_bands({chapter: reference[chapter]}, others, factor, floor_fraction)
+            measured = [set(flatten_metrics(v[chapter])) for v in others]
+            judged = {k: v for k, v in flatten_metrics(run[chapter]).items()
+                      if any(k in m for m in measured)}
+            flat_ref = flatten_metrics(reference[chapter])
+            bands = make_bands({chapter: {k: flat_ref[k] for k in judged if k in flat_ref}},
+                               others, factor, floor_fraction)
             out[name][chapter] = judge_chapter(
-                chapter, run[chapter], bands[chapter],
-                headline_keys(chapter, reference[chapter]))
+                chapter, judged, bands[chapter], headline_keys(chapter, reference[chapter]))
     return out
 
 

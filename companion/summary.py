@@ -60,7 +60,10 @@ SUMMARY_ROWS = (
                 Measure("3.2", "stage2_hallucination_rate", "hallucination rate after stage 2"))),
     SummaryRow("RLHF/DPO", "对齐偏好 / align with preferences", "偏好数据 / preference pairs",
                "全模型/部分 / projector + LM",
-               (Measure("3.3.1", "rm_last_pair_accuracy", "reward model: held-out pair accuracy"),
+               (Measure("3.3.1", "plain_rm_pair_accuracy",
+                        "the seed's reward model: held-out pair accuracy"),
+                Measure("3.3.1", "factual_rm_pair_accuracy",
+                        "factual reward model: held-out pair accuracy"),
                 Measure("3.3.3", "heldout/SFT (3.2)/hallucination_rate",
                         "hallucination rate of the SFT model"),
                 Measure("3.3.2", "heldout/PPO/hallucination_rate", "after PPO"),
@@ -95,6 +98,32 @@ TARGET_ROWS = (
                         "after stage 2: the weakest task type's accuracy", target=(">=", 0.70)),
                 Measure("3.2", "stage2_hallucination_rate", "after stage 2: hallucination rate",
                         target=("<=", 0.10)))),
+)
+
+# RLHF's targets: a factual reward model that ranks pairs, and DPO and PPO that each remove
+# hallucinations (at least 30% fewer than SFT, beyond 2 s.e., at most 2 points of accuracy
+# lost), with PPO's β = 0 run drifting far further from the reference than PPO with its KL term
+RLHF_ROWS = (
+    SummaryRow("目标 / RLHF's targets", "减少幻觉 / fewer hallucinations",
+               "偏好数据 / judged preference pairs", "—",
+               (Measure("3.3.1", "factual_rm_pair_accuracy",
+                        "factual reward model: held-out pair accuracy", target=(">=", 0.85)),
+                Measure("3.3.1", "plain_rm_pair_accuracy",
+                        "the seed's reward model: held-out pair accuracy"),
+                Measure("3.3.3", "sft_hallucination_rate", "SFT: hallucination rate"),
+                *(m for method, chapter in (("dpo", "3.3.3"), ("ppo", "3.3.2")) for m in (
+                    Measure(chapter, f"{method}_hallucination_change",
+                            f"{method.upper()}: hallucination change (paired)", fmt="{:+.3f}"),
+                    Measure(chapter, f"{method}_hallucination_change_se",
+                            f"{method.upper()}: its standard error"),
+                    Measure(chapter, f"{method}_hallucination_relative_change",
+                            f"{method.upper()}: change relative to SFT", fmt="{:+.2f}",
+                            target=("<=", -0.30)),
+                    Measure(chapter, f"{method}_task_accuracy_change",
+                            f"{method.upper()}: mean task accuracy change", fmt="{:+.3f}",
+                            target=(">=", -0.02)))),
+                Measure("3.3.2", "ppo_kl", "PPO: KL to the reference (nats per answer)"),
+                Measure("3.3.2", "ppo_beta0_kl", "PPO, β = 0: KL to the reference"))),
 )
 
 

@@ -86,6 +86,21 @@ def test_make_bands_names_the_chapter_and_metric_a_variation_lacks():
         make_bands({"3.2": {"a": 1.0}}, [{"3.1.1": {"a": 1.0}}])
 
 
+def test_a_figure_a_variation_run_did_not_measure_is_null_and_adds_nothing():
+    """A run made before the notebook changed how "b/c" is measured says null there: its
+    other figures still widen their bands, that one is banded by the other runs alone."""
+    reference = {"3.3.1": {"a": 0.5, "b": {"c": 0.7}}}
+    old_run = {"3.3.1": {"a": 0.4, "b": {"c": None}}}
+    new_run = {"3.3.1": {"a": 0.5, "b": {"c": 0.69}}}
+    bands = make_bands(reference, [old_run, new_run], factor=3.0, floor_fraction=0.0)
+    assert bands["3.3.1"]["a"].runs == (0.4, 0.5)
+    assert bands["3.3.1"]["a"].low == pytest.approx(0.2)  # the old run's 0.1, three times
+    assert bands["3.3.1"]["b/c"].runs == (None, 0.69)
+    assert bands["3.3.1"]["b/c"].low == pytest.approx(0.67)  # the new run's alone
+    with pytest.raises(BandError, match="metric 'b/c' .* variation run 0"):
+        make_bands(reference, [{"3.3.1": {"a": 0.4, "b": {}}}, new_run])  # absent, not null
+
+
 def test_check_reports_outside_missing_and_unreferenced_metrics():
     bands = {"acc": make_band(0.5, [0.48], floor_fraction=0.0),
              "n": make_band(10.0, [10.0])}
@@ -152,6 +167,21 @@ def test_cross_check_leaves_each_run_out_and_checks_it_against_the_others():
         "3.2: acc = 0.6 is outside [0.44, 0.56] around the reference 0.5 "
         "(variation runs: 0.48, 0.52)",)
     assert result["other"] == {}  # it covers no chapter of the reference
+
+
+def test_cross_check_judges_only_figures_the_left_out_run_and_another_run_measured():
+    from companion.bands import cross_check
+
+    reference = {"3.3.1": {"acc": 0.50, "rm": 0.71, "new": 0.30}}
+    runs = {"old": {"3.3.1": {"acc": 0.52, "rm": None, "new": None}},  # before rm changed
+            "a": {"3.3.1": {"acc": 0.49, "rm": 0.70, "new": 0.31}},
+            "b": {"3.3.1": {"acc": 0.51, "rm": 0.72, "new": None}}}
+    result = cross_check(reference, runs, factor=3.0, floor_fraction=0.0)
+    # "old" is judged on acc alone (inside a's and b's ±0.03), not reported missing rm
+    assert result["old"]["3.3.1"].passed and result["old"]["3.3.1"].tolerated == ()
+    # with "a" left out no other run measured "new": it is not judged (nor an error)
+    assert result["a"]["3.3.1"].passed and result["a"]["3.3.1"].tolerated == ()
+    assert result["b"]["3.3.1"].passed
 
 
 def test_reference_file_round_trip_and_validation(tmp_path):

@@ -71,3 +71,23 @@ def test_targets_say_whether_each_figure_reaches_its_bound(tmp_path):
     assert rows["probe on the vision tokens: shape"]["met"] is False
     assert rows["CLIP held-out image→text R@1"]["met"] is None  # 3.1.1 not run
     assert all(r["target"] == "" and r["met"] is None for r in summary_rows(tmp_path))
+
+
+def test_rlhf_targets_read_the_flat_keys_of_the_3_3_notebooks(tmp_path):
+    from companion.summary import RLHF_ROWS
+
+    (tmp_path / "3.3.1.json").write_text(json.dumps({"factual_rm_pair_accuracy": 0.714,
+                                                     "plain_rm_pair_accuracy": 0.498}))
+    (tmp_path / "3.3.3.json").write_text(json.dumps({
+        "sft_hallucination_rate": 0.307, "dpo_hallucination_relative_change": -0.30,
+        "dpo_task_accuracy_change": -0.021}))
+    rows = {r["source"]: r for r in summary_rows(tmp_path, RLHF_ROWS)}
+    assert rows["3.3.1: factual_rm_pair_accuracy"]["met"] is False  # 0.714 < 0.85
+    assert rows["3.3.1: plain_rm_pair_accuracy"]["met"] is None  # reported, no bound
+    assert rows["3.3.3: dpo_hallucination_relative_change"]["met"] is True  # -30% reached
+    assert rows["3.3.3: dpo_task_accuracy_change"]["met"] is False  # lost more than 2 points
+    assert rows["3.3.3: dpo_hallucination_relative_change"]["shown"] == "-0.30"
+    missing = {r["measure"] for r in summary_rows(tmp_path, RLHF_ROWS) if r["value"] is None}
+    assert "PPO: KL to the reference (nats per answer)" in missing  # 3.3.2 not run
+    assert "DPO: hallucination change (paired)" in missing  # not in 3.3.3's file
+    assert rows["not run: python -m companion book run 3.3.2"]["met"] is None
