@@ -37,9 +37,15 @@ TEST_SCENES = 60  # notebook 3.2's and 3.3.2's held-out scenes
 SFT_FIELDS = {"annotator_hallucination_rate"}
 
 
+# every run's options are changes from the seed's reward model and PPO on raw scores (the
+# recipe's defaults when these results were recorded), so the recorded rows keep their meaning
+SEEDS_RECIPE = RLHFRecipe(rm_factual=False, rm_pooling="last", rm_lr=3e-4,
+                          ppo_score_norm=False)
+
+
 def recipe_for(option: dict) -> RLHFRecipe:
     sft_fields = {k: v for k, v in option.items() if k in SFT_FIELDS}
-    base = RLHFRecipe()
+    base = SEEDS_RECIPE
     return dataclasses.replace(base, sft=dataclasses.replace(base.sft, **sft_fields),
                                **{k: v for k, v in option.items() if k not in SFT_FIELDS})
 

@@ -42,6 +42,12 @@ RM_FIELDS = {"rm_factual", "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size"}
 EXTRA = {"fact_gain"}
 
 
+# every run's options are changes from the seed's reward model and PPO on raw scores (the
+# recipe's defaults when these results were recorded), so the recorded rows keep their meaning
+SEEDS_RECIPE = RLHFRecipe(rm_factual=False, rm_pooling="last", rm_lr=3e-4,
+                          ppo_score_norm=False)
+
+
 def by_task(records, correct) -> dict[str, float]:
     tasks = sorted({r["task"] for r in records})
     return {t: round(sum(c for r, c in zip(records, correct) if r["task"] == t)
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
 
     options = parse_runs(parser, args.runs, check, "reward-model fields")
     device = setup(seed=0, device="cpu", threads=args.threads)
-    base = RLHFRecipe()
+    base = SEEDS_RECIPE
     base = dataclasses.replace(base, sft=dataclasses.replace(
         base.sft, annotator_hallucination_rate=args.annotator_rate))
     sft, processor, tokenizer = sft_model(args.cache_dir, base, device, log=None)

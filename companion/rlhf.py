@@ -38,25 +38,26 @@ class RLHFRecipe:
     pairs: str = "all"              # "all" comparisons of the K replies, or "best_worst"
     noise: float = 0.0              # share of the labeler's choices flipped
     hallucination_penalty: float = 0.5
-    rm_pooling: str = "last"        # "last" (the seed's head), "mean" over reply tokens, or
-                                    # "likelihood" (the reply's log-prob: a generative RM)
+    rm_pooling: str = "likelihood"  # "likelihood" (the reply's log-prob: a generative RM),
+                                    # "last" (the seed's head) or "mean" over reply tokens
     rm_steps: int = 200
-    rm_lr: float = 3e-4
+    rm_lr: float = 1e-4
     rm_batch_size: int = 16         # pairs per step
     ppo_iterations: int = 60
     ppo_batch_size: int = 64
     ppo_lr: float = 5e-5
     ppo_kl_coef: float = 0.1        # initial beta (adaptive); 0 turns the penalty off
-    ppo_score_norm: bool = False    # reward-model scores to unit scale by their running
-                                    # moments before PPO (for a likelihood reward model)
+    ppo_score_norm: bool = True     # reward-model scores to unit scale by their running
+                                    # moments before PPO (a likelihood reward is unbounded)
     sft_checkpoint: str = ""        # a LLaVA checkpoint (hub id or folder) as policy and
                                     # reference instead of 3.2's model (then ``sft`` is unused)
     preference_json: str = ""       # preference data (TRL fields) instead of sampled pairs: a
                                     # .json/.jsonl/.parquet file or a save_to_disk folder
     image_folder: str = ""          # where its image paths are resolved (default: the folder
                                     # that holds the file or dataset folder)
-    rm_factual: bool = False        # the reward model also reads the image's ground truth in
-                                    # words (LLaVA-RLHF's Fact-RLHF); needs the world's scenes
+    rm_factual: bool | None = None  # the reward model also reads the image's ground truth in
+                                    # words (LLaVA-RLHF's Fact-RLHF); needs the world's scenes.
+                                    # None: True on the world's pairs, False on preference_json
 
     def __post_init__(self):
         if self.scenes < 5:
@@ -65,6 +66,8 @@ class RLHFRecipe:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in (0, 1)")
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise={self.noise} must be in [0, 1]")
+        if self.rm_factual is None:  # the facts are there exactly when the world made the pairs
+            object.__setattr__(self, "rm_factual", not self.preference_json)
         if self.rm_factual and self.preference_json:
             raise ValueError("rm_factual=True needs the world's scenes to state the facts; "
                              "preference_json records carry no ground truth (leave one unset)")
@@ -482,6 +485,19 @@ def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0
                      "hallucination_change": hallucination["difference"],
                      "hallucination_se": hallucination["se"], "verdict": word}
     return out
+
+
+def headline_changes(method: str, change: dict, base_hallucination_rate: float) -> dict:
+    """The flat metrics keys that 3.5 and the README quote for one method against SFT
+    (``change``: a row of :func:`versus_reference_model`): ``<method>_hallucination_change``
+    and its ``_se``, the change relative to the SFT rate (``_relative_change``: −0.3 is 30%
+    fewer hallucinations) and ``<method>_task_accuracy_change``."""
+    relative = (change["hallucination_change"] / base_hallucination_rate
+                if base_hallucination_rate > 0 else None)
+    return {f"{method}_hallucination_change": change["hallucination_change"],
+            f"{method}_hallucination_change_se": change["hallucination_se"],
+            f"{method}_hallucination_relative_change": relative,
+            f"{method}_task_accuracy_change": change["accuracy_change"]}
 
 
 # parameter name in the 3.3 notebooks -> (recipe, field)

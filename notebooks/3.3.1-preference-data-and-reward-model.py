@@ -52,7 +52,9 @@ samples = 4  # replies sampled per question for the labeler to compare
 max_new_tokens = 32  # longest sampled reply, in tokens
 pairs = "all"  # "all" comparisons of a question's replies, or "best_worst" (one pair)
 rm_steps = 200  # reward model optimiser steps
-rm_lr = 3e-4  # reward model peak learning rate
+rm_lr = 1e-4  # reward model peak learning rate (both reward models)
+rm_pooling = "likelihood"  # the reward model PPO uses: "likelihood" (reply log-prob), "last" token or "mean"
+rm_factual = None  # it also reads the scene's facts in words (Fact-RLHF); None: yes on the world's pairs, no on preference_json
 noise_levels = [0.0, 0.2, 0.4]  # labeler noise (share of flipped choices) for the noise experiment
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
 preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of sampling and labelling pairs here
@@ -63,6 +65,7 @@ image_folder = ""  # where preference_json's image paths are resolved (default: 
 
 # %%
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -163,53 +166,75 @@ axes[1].legend()
 plt.show()
 
 # %% [markdown]
-# ## Step 2: the reward model
+# ## Step 2: two reward models
 #
 # The seed's `RewardModel` is the VLM's backbone (vision tower, projector, LM) with a linear
-# head that reads the hidden state of the **last** token, started from the 3.2 model. We
-# train it, and a variant whose head reads **every reply token** and averages. The reason
-# for the variant: a hallucinated colour is a claim made in the middle of a reply; the
-# last-token head only sees it if two attention layers carry it to the end. Both are
-# scored on the held-out pairs, where 0.5 is chance. A free baseline sits beside them: the
-# 3.2 model's own log-likelihood of each reply (no training at all).
+# head that reads the hidden state of the **last** token, started from the 3.2 model. It has
+# to find a hallucinated colour by looking at the image *through* the reply, with the same
+# eyes as the policy whose mistakes it is meant to catch.
+#
+# LLaVA-RLHF's answer is the **factually augmented** reward model (Fact-RLHF): it is also
+# given what it was denied, the image's ground truth in words (there, the image captions).
+# Ours reads the scene's facts as a line of text between the image and the question: the
+# same sentence the LM read in place of images in its text-only pretraining, so the reward
+# model needs no new input path, and checking a reply becomes reading, not seeing. Its score
+# is the reply's log-likelihood under the model (`pooling="likelihood"`, a generative
+# reward model), trained with the same Bradley-Terry loss, steps and learning rate as the
+# seed's. Both are scored on held-out pairs, where 0.5 is chance, beside two free
+# baselines: the 3.2 model's own log-likelihood of each reply (no training at all), without
+# and with the facts in its prompt.
 
 # %% tags=["trained-figures"]
-train_data = preference_data(records, "train", tokenizer, processor, sft, scenes_by_id,
-                             image_folder=recipe.image_root,  # files, when preference_json
-                             factual=recipe.rm_factual)  # the facts in each prompt, if asked
-heldout_data = preference_data(records, "heldout", tokenizer, processor, sft, scenes_by_id,
-                               image_folder=recipe.image_root, factual=recipe.rm_factual)
+def encoded(split, factual):  # the pairs as token ids; factual: the facts in each prompt
+    return preference_data(records, split, tokenizer, processor, sft, scenes_by_id,
+                           image_folder=recipe.image_root,  # files, when preference_json
+                           factual=factual)
+
+
+plain_heldout, heldout_data = encoded("heldout", False), encoded("heldout", recipe.rm_factual)
+
+
+def pair_accuracy(chosen, rejected):
+    return float((chosen > rejected).float().mean())
 
 
 def heldout_accuracy(model):
-    chosen, rejected = score_pairs(model, heldout_data, pad)
-    return float((chosen > rejected).float().mean()), chosen, rejected
+    chosen, rejected = score_pairs(model, heldout_data if model.reads_facts else plain_heldout, pad)
+    return pair_accuracy(chosen, rejected), chosen, rejected
 
 
 start = time.perf_counter()
-rm, rm_history = reward_model(cache_dir, recipe, device=dev, log=None)  # last token, cached
-seconds["reward model (last token, trained or loaded)"] = time.perf_counter() - start
+seed_recipe = replace(recipe, rm_pooling="last", rm_factual=False)  # the seed's reward model
+plain_rm, plain_history = reward_model(cache_dir, seed_recipe, device=dev, log=None)
+seconds["the seed's reward model (trained or loaded)"] = time.perf_counter() - start
 start = time.perf_counter()
-rm_mean, mean_history = train_reward_model(sft, train_data, pad, "mean", rm_steps, rm_lr,
-                                           seed=seed, device=dev)
-seconds["reward model (mean)"] = time.perf_counter() - start
-ref_chosen, ref_rejected = reference_logps(sft, heldout_data, pad)
+rm, rm_history = reward_model(cache_dir, recipe, device=dev, log=None)  # PPO's, in 3.3.2
+seconds["PPO's reward model (trained or loaded)"] = time.perf_counter() - start
+facts = "image + facts" if recipe.rm_factual else "image only"
+rm_name = f"reward model, {recipe.rm_pooling} head, {facts} (PPO's)"
 accuracy, rm_chosen, rm_rejected = heldout_accuracy(rm)
-results = {"3.2 model log-likelihood (no training)": float((ref_chosen > ref_rejected).float().mean()),
-           "reward model, last token (the seed's)": accuracy,
-           "reward model, mean over reply tokens": heldout_accuracy(rm_mean)[0]}
+free = pair_accuracy(*reference_logps(sft, plain_heldout, pad))  # no training at all
+results = {"3.2 model log-likelihood, image only": free,
+           "reward model, last token, image only (the seed's)": heldout_accuracy(plain_rm)[0],
+           rm_name: accuracy}
+if recipe.rm_factual:
+    results["3.2 model log-likelihood, image + facts"] = pair_accuracy(
+        *reference_logps(sft, heldout_data, pad))
 for name, value in results.items():
-    print(f"{name:>40}: held-out pair accuracy {value:.3f}")
-metrics["likelihood_pair_accuracy"] = list(results.values())[0]
-metrics["rm_last_pair_accuracy"] = accuracy
-metrics["rm_mean_pair_accuracy"] = list(results.values())[2]
+    print(f"{name:>58}: held-out pair accuracy {value:.3f}")
+metrics["likelihood_pair_accuracy"] = results["3.2 model log-likelihood, image only"]
+metrics["plain_rm_pair_accuracy"] = results["reward model, last token, image only (the seed's)"]
+metrics["rm_pair_accuracy"] = accuracy  # the reward model 3.3.2's PPO optimises
+if recipe.rm_factual:
+    metrics["factual_rm_pair_accuracy"] = accuracy
+    metrics["factual_likelihood_pair_accuracy"] = results["3.2 model log-likelihood, image + facts"]
 half = len(heldout_data) ** 0.5
 print(f"({len(heldout_data)} held-out pairs: one standard error of an accuracy near 0.5 is "
       f"about {0.5 / half:.3f})")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-for name, history in (("last token", rm_history), ("mean over reply", mean_history.steps)):
+for name, history in (("the seed's (last token)", plain_history), ("PPO's", rm_history)):
     steps = [r["step"] for r in history]
     window = max(1, len(steps) // 10)
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -226,8 +251,7 @@ plt.show()
 # Is the reward model *calibrated*, i.e. does a reward difference of Δ mean the chosen reply
 # wins σ(Δ) of the time, as Bradley-Terry says? Each held-out pair is counted both ways round
 # (A, B) and (B, A), binned by r(A) − r(B), and the share of bins where A is the labeler's
-# choice is set against the curve (for the seed's last-token reward model, the one PPO
-# uses in 3.3.2).
+# choice is set against the curve (for the reward model PPO uses in 3.3.2).
 
 # %%
 diff = torch.cat([rm_chosen - rm_rejected, rm_rejected - rm_chosen]).numpy()
@@ -251,8 +275,8 @@ plt.show()
 # ## How much does labeler noise cost?
 #
 # Human labelers disagree with each other on a sizeable share of comparisons. We flip a share
-# of the *training* labels at random and train the seed's reward model again; the
-# held-out pairs keep the clean labels.
+# of the *training* labels at random and train PPO's reward model again; the held-out pairs
+# keep the clean labels.
 
 # %% tags=["trained-figures"]
 start = time.perf_counter()
@@ -280,13 +304,21 @@ plt.show()
 # %% [markdown]
 # ## What this run shows
 #
-# The figures below are this run's. At this scale, the reward model is the weak link of
-# RLHF: telling a correct reply from a near-identical wrong one ("a red square" against "a
-# red circle") means reading the image *through* the reply, and a two-layer LM learns that
-# from a few thousand comparisons only slowly. Compare it with the 3.2 model's own
-# likelihood, which already carries the same knowledge for free: this is the observation
-# that DPO (3.3.3) builds on. Notebook 3.3.2 runs PPO against this reward model anyway and
-# shows what an imperfect reward model does to a policy that optimises it.
+# The figures above are this run's. The seed's reward model is the weak link of RLHF at
+# this scale: telling a correct reply from a near-identical wrong one ("a red square"
+# against "a red circle") means reading the image *through* the reply, and a two-layer LM
+# learns that from a few thousand comparisons only slowly, if at all. The 3.2 model's own
+# likelihood already carries part of that knowledge for free, the observation DPO (3.3.3)
+# builds on.
+#
+# Given the facts in words, the same backbone ranks far more pairs correctly: a hallucinated
+# colour is now a word that contradicts a word in the prompt. The gap between the two reward
+# models is the gap between seeing and reading, and it is the reason LLaVA-RLHF augments its
+# reward model with the captions. What still caps the factual one is how well its LM reads a
+# scene in words at all: 3.2 measures that LM, told each held-out scene in words, and it
+# answers well under all of the questions (`text_lm_mean_task_accuracy` in 3.2's metrics).
+# A reward model cannot check a reply against facts better than it understands them.
+# Notebook 3.3.2 runs PPO against the factual reward model.
 
 # %% tags=["trained-figures"]
 write_metrics("3.3.1", metrics, output_dir)

@@ -34,6 +34,10 @@
 #   from the one that sampled the answers.
 # - **An adaptive KL controller** raises β when the KL overshoots its target and lowers it
 #   when the KL falls short.
+# - **Score normalisation**: the reward model of 3.3.1 scores a reply by its log-likelihood
+#   given the scene's facts, a number with no bound below. Each score is whitened by the
+#   running mean and standard deviation of all scores so far (TRL's `use_score_norm`), so
+#   one very unlikely reply cannot dominate an update.
 
 # %% tags=["parameters"]
 seed = 0  # random seed for rollouts, minibatches and initialisation
@@ -56,11 +60,12 @@ samples = 4  # 3.3.1's replies per question
 max_new_tokens = 32  # longest sampled reply, in tokens (rollouts too)
 pairs = "all"  # 3.3.1's pairing of replies
 rm_steps = 200  # 3.3.1's reward model steps
-rm_lr = 3e-4  # 3.3.1's reward model learning rate
+rm_lr = 1e-4  # 3.3.1's reward model learning rate
 ppo_iterations = 60  # PPO rounds (rollout, then updates)
 ppo_batch_size = 64  # questions per rollout
 ppo_lr = 5e-5  # PPO learning rate (policy, value head)
 ppo_kl_coef = 0.1  # initial β of the KL penalty (adaptive, target 1 nat per answer)
+ppo_score_norm = True  # reward-model scores whitened by their running mean and std (a log-likelihood reward is unbounded)
 test_scenes = 60  # 3.2's held-out scenes, for the final evaluation
 sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
 preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train the reward model on instead of 3.3.1's pairs
@@ -81,7 +86,7 @@ from companion.ppo import (PolicyWithValueHead, reference_reply_logps, reply_log
                            rollout)
 from companion.plots import plot_paired_changes
 from companion.preference import score_replies
-from companion.rlhf import (evaluate_policy, heldout_prompts, ppo_policy,
+from companion.rlhf import (evaluate_policy, headline_changes, heldout_prompts, ppo_policy,
                             recipe_from_parameters, reward_model, rlhf_prompts, run_ppo,
                             scene_facts, sft_model, versus_reference_model)
 from companion.runtime import setup
@@ -216,13 +221,21 @@ metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
 # %% [markdown]
 # ## What this run shows
 #
-# Read the table against 3.3.1's finding that the reward model ranks held-out pairs only a
-# little better than chance. PPO does what it is built to do: it raises the reward model's
-# score. Whether that helps depends entirely on how well the reward model tracks the judge,
-# and the judge's columns (task accuracy, hallucination rate) answer that. The β = 0 row is
-# the textbook failure: with nothing holding it near the reference, the policy drifts
-# furthest, collects the highest reward-model score, and the judge rates its answers lowest.
-# That is reward hacking: the policy finds what the reward model gets wrong.
+# Read the table against 3.3.1: PPO's reward model is the factual one, which ranks held-out
+# pairs well above chance but far from perfectly. PPO does what it is built to do: it raises
+# that model's score on the held-out answers (the reward column). Whether that helps
+# depends entirely on how well the reward model tracks the judge, and the judge's columns
+# (task accuracy, hallucination rate) answer that; the KL column says how far the policy
+# had to move for it.
+#
+# The β = 0 row is the textbook experiment. With nothing holding it near the reference, the
+# policy drifts further from it (compare the KL columns). The textbook failure is *reward
+# hacking*: the policy finds what the reward model gets wrong and collects a higher score
+# while the judge rates its answers lower. Whether a run shows it depends on how
+# exploitable the reward model is and how far the policy can travel: here the scores are
+# whitened, so no single reply's score can dominate an update, and the run is 60
+# iterations long. Try `ppo_score_norm=False`: a log-likelihood reward with no bound below
+# then has nothing to stop it.
 #
 # The lines below compute these comparisons from this run's table. Both policies answer
 # the same held-out questions as the SFT model, so each change is measured answer by answer
@@ -241,6 +254,8 @@ for name, change in versus_sft.items():
           f"± {change['hallucination_se']:.3f}, task accuracy {change['accuracy_change']:+.3f} "
           f"± {change['accuracy_se']:.3f} -> {change['verdict']}")
 metrics["versus_sft"] = versus_sft
+metrics.update(headline_changes("ppo", versus_sft["PPO"], sft_row["hallucination_rate"]))
+metrics["ppo_kl"], metrics["ppo_beta0_kl"] = rows["PPO"]["kl"], rows["PPO, β = 0"]["kl"]
 fig = plot_paired_changes(versus_sft, "SFT (3.2)")
 plt.show()
 _ = write_metrics("3.3.2", metrics, output_dir)

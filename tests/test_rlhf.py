@@ -542,17 +542,23 @@ def test_recipe_from_notebook_parameters_maps_every_name():
     assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
     assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
     assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
-    factual = recipe_from_parameters({"rm_factual": True, "annotator_hallucination_rate": 0.3,
-                                      "rm_pooling": "likelihood", "ppo_score_norm": True})
-    assert factual.rm_factual and factual.sft.annotator_hallucination_rate == 0.3
-    assert factual.rm_pooling == "likelihood" and factual.ppo_score_norm
+    seeds = recipe_from_parameters({"rm_factual": False, "annotator_hallucination_rate": 0.3,
+                                    "rm_pooling": "last", "ppo_score_norm": False})
+    assert not seeds.rm_factual and seeds.sft.annotator_hallucination_rate == 0.3
+    assert seeds.rm_pooling == "last" and not seeds.ppo_score_norm
+    # undeclared: the factual reward model on the world's pairs, the plain one on a file's
+    assert recipe_from_parameters({}).rm_factual is True
+    assert recipe_from_parameters({"rm_factual": None, "preference_json": "p.json"}
+                                  ).rm_factual is False
 
 
 def test_the_factual_reward_models_recipe_keys_and_data(world):
     from companion.rlhf import _rm_config, preference_data, scene_facts
 
-    assert "rm_factual" not in RLHFRecipe().to_dict()  # old cache keys unchanged
-    assert _rm_config(RLHFRecipe(rm_factual=True)) != _rm_config(RLHFRecipe())
+    assert RLHFRecipe().rm_factual is True  # the world's pairs carry their scenes' facts
+    assert RLHFRecipe(preference_json="pairs.json").rm_factual is False  # a file's do not
+    assert "rm_factual" not in RLHFRecipe(rm_factual=False).to_dict()  # old keys unchanged
+    assert _rm_config(RLHFRecipe(rm_factual=True)) != _rm_config(RLHFRecipe(rm_factual=False))
     with pytest.raises(ValueError, match="rm_factual=True needs the world's scenes"):
         RLHFRecipe(rm_factual=True, preference_json="pairs.json")
     prompt = world["prompts"][0]
@@ -666,3 +672,18 @@ def test_versus_reference_model_calls_help_only_beyond_two_standard_errors():
     assert out["worse"]["verdict"] == "did not help: more hallucinations"
     with pytest.raises(ValueError, match="no run named 'PPO'"):
         versus_reference_model({"SFT": base}, base="PPO")
+
+
+def test_headline_changes_are_the_paired_figures_and_their_share_of_the_sft_rate():
+    from companion.rlhf import headline_changes, versus_reference_model
+
+    n = 200
+    base = _judged([i % 2 for i in range(n)], [i % 3 == 0 for i in range(n)])  # 67 of 200
+    fixed = _judged([i % 2 for i in range(n)], [i % 6 == 0 for i in range(n)])  # 34 of 200
+    change = versus_reference_model({"SFT": base, "DPO": fixed}, base="SFT")["DPO"]
+    out = headline_changes("dpo", change, 67 / n)
+    assert out == {"dpo_hallucination_change": pytest.approx(-33 / n),
+                   "dpo_hallucination_change_se": change["hallucination_se"],
+                   "dpo_hallucination_relative_change": pytest.approx(-33 / 67),
+                   "dpo_task_accuracy_change": 0.0}
+    assert headline_changes("ppo", change, 0.0)["ppo_hallucination_relative_change"] is None
