@@ -286,6 +286,10 @@ class ClipRecipe:
     tokenizer_scenes: int = 2000   # scenes whose text trains the world's BPE
     train_scenes: int = 8000       # training scenes (each with several caption phrasings)
     image_size: int = 48           # pixels per side; scenes are rendered at this size
+    patch_size: int = 8            # ViT patch side: (48 / 8)^2 = 36 vision tokens; 16 gives
+                                   # one token per cell of the 3 x 3 grid
+    vision_width: int = 64         # ViT hidden size
+    vision_layers: int = 2         # ViT blocks
     batch_size: int = 64           # N: N - 1 negatives per image
     steps: int = 1800              # optimiser steps
     lr: float = 3e-3               # peak AdamW learning rate
@@ -294,19 +298,37 @@ class ClipRecipe:
     checkpoint: str = ""           # start from this CLIP checkpoint instead of a tiny one
 
     def __post_init__(self):
-        for name in ("tokenizer_scenes", "train_scenes", "image_size", "batch_size", "steps"):
+        for name in ("tokenizer_scenes", "train_scenes", "image_size", "patch_size",
+                     "vision_width", "vision_layers", "batch_size", "steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ClipRecipe.{name}={getattr(self, name)} must be positive")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ClipRecipe.image_size={self.image_size} must be a multiple of "
+                             f"patch_size={self.patch_size}")
         if self.batch_size > self.train_scenes:
             raise ValueError(f"ClipRecipe.batch_size={self.batch_size} exceeds train_scenes="
                              f"{self.train_scenes}: a batch holds distinct scenes")
         if not self.lr > 0:
             raise ValueError(f"ClipRecipe.lr={self.lr} must be positive")
 
+    def sizes(self):
+        """The tiny model's :class:`~companion.models.TinyClipConfig` for this recipe."""
+        from companion.models import TinyClipConfig
+
+        return TinyClipConfig(image_size=self.image_size, patch_size=self.patch_size,
+                              vision_width=self.vision_width, vision_layers=self.vision_layers)
+
     def to_dict(self) -> dict:
+        """The recipe as the cache key reads it. The model's sizes enter the key whole
+        (``_clip_artifact_config``), so the size fields added later are left out here at
+        the values every run had before they existed: those runs keep their keys."""
         from dataclasses import asdict
 
-        return asdict(self)
+        values = asdict(self)
+        for name, before in (("patch_size", 8), ("vision_width", 64), ("vision_layers", 2)):
+            if values[name] == before:  # the value every run had before the field existed
+                del values[name]
+        return values
 
 
 @dataclass
@@ -335,7 +357,7 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
     import time
 
     from companion.losses.contrastive import ClipLoss
-    from companion.models import TinyClipConfig, build_clip
+    from companion.models import build_clip
     from companion.train import TrainConfig, train
     from companion.world import make_scenes
 
@@ -347,7 +369,7 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
         tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
     model, processor, tokenizer = build_clip(
         tokenizer, checkpoint=recipe.checkpoint or None,
-        sizes=TinyClipConfig(image_size=recipe.image_size), seed=recipe.seed)
+        sizes=recipe.sizes(), seed=recipe.seed)
     from companion.models import clip_image_size
 
     data = build_caption_data(make_scenes(recipe.train_scenes, seed=recipe.seed), tokenizer,
@@ -367,13 +389,11 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
 
 
 def _clip_artifact_config(recipe: ClipRecipe) -> dict:
-    from companion.models import TinyClipConfig
-
     config = {"kind": "clip", "recipe": recipe.to_dict()}
     if not recipe.checkpoint:
         from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
-        config["sizes"] = TinyClipConfig(image_size=recipe.image_size).to_dict()
+        config["sizes"] = recipe.sizes().to_dict()
         config["tokenizer"] = {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
     return config
 

@@ -400,6 +400,11 @@ def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict
 
 # ----------------------------------------------------------------------------- the section's run
 
+# fields added to InstructionRecipe after runs were cached -> the value those runs had
+_KEYLESS_VALUES = {"clip_image_size": 48, "clip_patch_size": 8, "clip_vision_width": 64,
+                   "clip_vision_layers": 2, "lm_layers": 2, "merge_patches": 1}
+
+
 @dataclass(frozen=True)
 class InstructionRecipe:
     """Everything that decides the instruction-tuned VLM of section 3.2 (its cache key).
@@ -413,8 +418,15 @@ class InstructionRecipe:
     clip_train_scenes: int = 8000   # the CLIP recipe of 3.1.1
     clip_steps: int = 1800
     clip_batch_size: int = 64
+    clip_image_size: int = 48       # pixels per side the scenes are rendered at
+    clip_patch_size: int = 8        # 16 (at 48 pixels): one vision token per cell of the grid
+    clip_vision_width: int = 64
+    clip_vision_layers: int = 2
+    merge_patches: int = 1          # 2: each 2 x 2 block of patches is one vision token
+                                    # (6 x 6 patches → 9 tokens, one per cell; llava.py)
     lm_scenes: int = 20000          # the text-only LM recipe (companion.vlm.LMRecipe)
     lm_steps: int = 2000
+    lm_layers: int = 2              # the LM's transformer blocks (TinyLMConfig.layers)
     train_scenes: int = 3000        # scenes of the instruction data
     stage1_steps: int = 300
     stage1_lr: float = 1e-3
@@ -432,7 +444,7 @@ class InstructionRecipe:
     def __post_init__(self):
         from companion.world import ANSWER_STYLES
 
-        for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size",
+        for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size", "merge_patches",
                      "lm_questions_per_conversation", "questions_per_conversation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"InstructionRecipe.{name}={getattr(self, name)} must be >= 1")
@@ -448,23 +460,33 @@ class InstructionRecipe:
         self.lm_recipe()  # the LM's options are checked there
 
     def to_dict(self) -> dict:
-        """The recipe as cache keys read it."""
+        """The recipe as cache keys read it. A field added after models were cached enters
+        the key only when it differs from the value every run had before it existed, so
+        those runs keep their keys (and a new default never takes an old key)."""
         from dataclasses import asdict
 
-        return asdict(self)
+        values = asdict(self)
+        for name, before in _KEYLESS_VALUES.items():
+            if values[name] == before:
+                del values[name]
+        return values
 
     def clip_recipe(self):
         from companion.clip import ClipRecipe
 
         return ClipRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
                           train_scenes=self.clip_train_scenes, steps=self.clip_steps,
-                          batch_size=self.clip_batch_size)
+                          batch_size=self.clip_batch_size, image_size=self.clip_image_size,
+                          patch_size=self.clip_patch_size,
+                          vision_width=self.clip_vision_width,
+                          vision_layers=self.clip_vision_layers)
 
     def lm_recipe(self):
-        from companion.vlm import LMRecipe
+        from companion.vlm import LMRecipe, TinyLMConfig
 
         merged = self.lm_questions_per_conversation > 1
         return LMRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
+                        sizes=TinyLMConfig(layers=self.lm_layers),
                         scenes=self.lm_scenes, steps=self.lm_steps, loss_on=self.lm_loss_on,
                         questions_per_conversation=self.lm_questions_per_conversation,
                         answer_style=self.answer_style, max_length=512 if merged else 256)
@@ -603,10 +625,9 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
 
 def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:
     from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
-    from companion.vlm import TinyLMConfig
 
     return {"kind": "vlm-instruction", "procedure": 1, "recipe": recipe.to_dict(),
-            "lm_sizes": TinyLMConfig().to_dict(),
+            "lm_sizes": recipe.lm_recipe().sizes.to_dict(),
             "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}}
 
 
@@ -620,7 +641,8 @@ def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=Non
     tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
     clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=device, log=log)
     lm, _ = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(), device=device, log=log)
-    model = build_vlm(clip, lm, tokenizer, seed=recipe.seed).to(device)
+    model = build_vlm(clip, lm, tokenizer, seed=recipe.seed,
+                      merge_patches=recipe.merge_patches).to(device)
     scenes_by_id, records = instruction_records(recipe)
     by_stage = stage_records(recipe, records)
     data = {stage: encode_world_records(rows, scenes_by_id, tokenizer, processor,

@@ -13,6 +13,13 @@ Three steps turn an image and a prompt into the LM's input (the seed's 视觉编
 :func:`inputs_embeds` chains the three; ``tests/test_llava_mechanism.py`` checks that the
 LM fed these embeddings gives exactly the logits ``LlavaForConditionalGeneration`` gives.
 
+Fewer vision tokens: :func:`merge_patches` joins each ``factor × factor`` block of
+neighbouring patches into one token (their features concatenated, "pixel shuffle" in
+Idefics3, SmolVLM and nanoVLM), and :class:`MergingProjector` is LLaVA-1.5's projector
+reading such tokens. ``build_vlm(..., merge_patches=2)`` gives the shapes world's 6 × 6
+patches as 9 tokens, one per cell of the scene's grid, without coarsening the tower's patches
+(:class:`LlavaWithMergedPatches` is the model class that holds it).
+
 Both of LLaVA's stages freeze the vision tower, so step 1 gives the same output for an
 image at every step of both stages. :class:`VisionFeatureCache` computes it once per image
 and the training step starts from step 2 (:func:`companion.instruction.instruction_tuning_step`
@@ -22,6 +29,9 @@ takes ``vision_features`` in place of ``pixel_values``).
 from __future__ import annotations
 
 import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+from transformers.activations import ACT2FN
 
 
 def vision_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -39,8 +49,58 @@ def vision_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def project(vlm, features: torch.Tensor) -> torch.Tensor:
-    """(B, P, D_vision) → (B, P, D_lm): LLaVA-1.5's two-layer MLP projector."""
+    """(B, P, D_vision) → (B, P / m², D_lm): LLaVA-1.5's two-layer MLP projector (m = the
+    model's ``merge_patches``, 1 for LLaVA itself)."""
     return vlm.model.multi_modal_projector(features)
+
+
+def merge_patches(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, P, D) features of a square s × s patch grid → (B, (s/f)², f²·D): the features
+    of each f × f block of neighbouring patches concatenated (row by row inside the block)
+    into one token, the blocks in reading order. ``factor=1`` returns ``features``."""
+    batch, patches, width = features.shape
+    side = round(patches ** 0.5)
+    if factor < 1 or side * side != patches or side % factor:
+        raise ValueError(f"{patches} patches do not form a square grid whose side is a "
+                         f"multiple of merge factor {factor}")
+    blocks = side // factor
+    grid = features.reshape(batch, blocks, factor, blocks, factor, width)  # (B, by, fy, bx, fx, D)
+    grid = grid.permute(0, 1, 3, 2, 4, 5)                                # (B, by, bx, fy, fx, D)
+    return grid.reshape(batch, blocks * blocks, factor * factor * width)
+
+
+class MergingProjector(nn.Module):
+    """LLaVA-1.5's projector (linear, GELU, linear) over merged patches: it reads
+    ``merge_patches² × D_vision`` features per token. Its layers keep LLaVA's names, so the
+    stages find them under ``multi_modal_projector`` as usual."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.factor = int(config.merge_patches)
+        width = config.vision_config.hidden_size * self.factor ** 2
+        hidden = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(width, hidden, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # (B, P, D_vision) → (B, P / f², f² D_vision) → (B, P / f², D_lm)
+        return self.linear_2(self.act(self.linear_1(merge_patches(features, self.factor))))
+
+
+class LlavaWithMergedPatches(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` whose projector reads merged patches when its
+    config says ``merge_patches`` > 1 (everything else is the library's: the tower, the
+    merge into the ``<image>`` positions, the LM, generation, saving and loading). A
+    checkpoint saved from it needs this class to load: plain LLaVA would build a projector
+    of the wrong width."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "merge_patches", 1) > 1:
+            self.model.multi_modal_projector = MergingProjector(config)
+            self.model.multi_modal_projector.apply(self._init_weights)
 
 
 def merge_image_tokens(input_ids: torch.Tensor, text_embeds: torch.Tensor,

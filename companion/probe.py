@@ -83,9 +83,9 @@ def cell_groups(features: torch.Tensor, cells_per_side: int = 3) -> torch.Tensor
         raise ValueError(f"{tokens} vision tokens do not form a square grid whose side is a "
                          f"multiple of {cells_per_side}; the cell probe needs each scene cell "
                          "to cover whole patches")
-    k = side // cells_per_side
-    grid = features.view(n, cells_per_side, k, cells_per_side, k, width)
-    return grid.permute(0, 1, 3, 2, 4, 5).reshape(n, cells_per_side ** 2, k * k * width)
+    from companion.llava import merge_patches  # the projector's own merge (one token per cell)
+
+    return merge_patches(features, side // cells_per_side)
 
 
 class CellProbe(nn.Module):

@@ -340,7 +340,8 @@ def pretrained_lm(cache_dir, tokenizer, recipe: LMRecipe | None = None, device="
 
 # ----------------------------------------------------------------------------- the VLM
 
-def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -2, seed: int = 0):
+def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -2, seed: int = 0,
+              merge_patches: int = 1):
     """Assemble ``LlavaForConditionalGeneration`` from a trained CLIP (or its vision tower)
     and a causal LM, with a fresh LLaVA-1.5 projector (two linear layers with GELU).
 
@@ -349,21 +350,32 @@ def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -2, seed:
     (``vision_feature_layer=-2``): CLIP's loss only looks at the CLS token of the last
     layer, so the last layer's patch outputs are never trained to mean anything, while the
     penultimate layer's patch features are what that CLS token attends to.
+
+    ``merge_patches=m`` > 1 joins each m × m block of patches into one vision token
+    (:class:`companion.llava.LlavaWithMergedPatches`): 6 × 6 patches become 9 tokens.
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from companion.llava import LlavaWithMergedPatches
 
     tower = getattr(vision_model, "vision_model", vision_model)  # CLIPModel or CLIPVisionModel
     vision_config = (vision_model.config.vision_config
                      if hasattr(vision_model.config, "vision_config") else vision_model.config)
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    side = vision_config.image_size // vision_config.patch_size
+    if merge_patches < 1 or side % merge_patches:
+        raise ValueError(f"merge_patches={merge_patches}: the tower's {side} x {side} patches "
+                         "must split into whole merge_patches x merge_patches blocks")
     config = LlavaConfig(
         vision_config=vision_config.to_dict(), text_config=lm.config.to_dict(),
-        image_token_index=image_token_id(tokenizer), image_seq_length=patches,
+        image_token_index=image_token_id(tokenizer),
+        image_seq_length=(side // merge_patches) ** 2,
         projector_hidden_act="gelu", vision_feature_select_strategy="default",
         vision_feature_layer=vision_feature_layer,
     )
+    if merge_patches > 1:
+        config.merge_patches = merge_patches
     torch.manual_seed(seed)
-    vlm = LlavaForConditionalGeneration(config)
+    vlm = (LlavaWithMergedPatches if merge_patches > 1 else LlavaForConditionalGeneration)(config)
     vlm.model.vision_tower.load_state_dict(tower.state_dict())
     vlm.model.language_model.load_state_dict(lm.model.state_dict())
     vlm.lm_head.load_state_dict(lm.lm_head.state_dict())
@@ -375,11 +387,15 @@ def build_vlm(vision_model, lm, tokenizer, vision_feature_layer: int = -2, seed:
 
 def load_vlm(checkpoint, device="cpu"):
     """``(model, image_processor, tokenizer)`` of a LLaVA checkpoint (hub id or folder)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, \
+        LlavaForConditionalGeneration
 
+    from companion.llava import LlavaWithMergedPatches
     from companion.tokenizer import prepare_tokenizer
 
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    merged = getattr(AutoConfig.from_pretrained(checkpoint), "merge_patches", 1) > 1
+    model = (LlavaWithMergedPatches if merged else LlavaForConditionalGeneration
+             ).from_pretrained(checkpoint)
     processor = AutoImageProcessor.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prepare_tokenizer(tokenizer)  # a pad token and a chat template where the checkpoint has none
@@ -401,5 +417,11 @@ def image_seq_length(model) -> int:
     """Number of ``<image>`` tokens one image becomes in ``model`` (LLaVA config)."""
     vision = model.config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
+    merge = getattr(model.config, "merge_patches", 1)
     strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    if merge > 1:
+        if strategy != "default":
+            raise ValueError("merged patches need vision_feature_select_strategy='default' "
+                             "(the CLS token is not part of the patch grid)")
+        return patches // merge ** 2
     return patches if strategy == "default" else patches + 1

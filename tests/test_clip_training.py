@@ -238,3 +238,40 @@ def test_pretrained_clip_is_trained_once_and_cached(tmp_path, tokenizer):
         ClipRecipe(train_scenes=4, batch_size=8)
     with pytest.raises(ValueError, match="steps=0"):
         ClipRecipe(steps=0)
+
+
+def test_clip_recipe_sizes_reach_the_model_and_the_cache_key(tmp_path, tokenizer):
+    """patch_size and vision_width build the tower they name, enter the cache key when they
+    differ from the defaults (so two sizes never share a cached CLIP), and leave the key of a
+    default recipe as it was before they existed."""
+    from companion.clip import ClipRecipe, _clip_artifact_config, pretrain_clip
+    from companion.instruction import InstructionRecipe
+
+    old_key = {"seed": 0, "tokenizer_scenes": 2000, "train_scenes": 8000, "image_size": 48,
+               "batch_size": 64, "steps": 1800, "lr": 3e-3, "weight_decay": 0.1,
+               "warmup_fraction": 0.05, "checkpoint": ""}
+    assert ClipRecipe().to_dict() == old_key
+    cell = ClipRecipe(patch_size=16, vision_width=32, vision_layers=1)
+    assert cell.to_dict() == {**old_key, "patch_size": 16, "vision_width": 32,
+                              "vision_layers": 1}
+    keys = [_clip_artifact_config(r) for r in (ClipRecipe(), cell, ClipRecipe(patch_size=16))]
+    assert keys[0]["sizes"]["patch_size"] == 8 and keys[1]["sizes"]["vision_width"] == 32
+    assert keys[0] != keys[2] != keys[1]
+    run = pretrain_clip(ClipRecipe(train_scenes=16, batch_size=8, steps=1, image_size=32,
+                                   patch_size=16, vision_width=32, vision_layers=1), tokenizer,
+                         log_every=0)
+    vision = run.model.config.vision_config
+    assert (vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (16, 32, 1)
+    assert run.model.vision_model.embeddings.position_embedding.weight.shape[0] == 1 + 4
+    sft = InstructionRecipe(clip_image_size=96, clip_patch_size=32, clip_vision_width=32,
+                            clip_vision_layers=3)
+    clip = sft.clip_recipe()
+    assert (clip.image_size, clip.patch_size, clip.vision_width, clip.vision_layers) == (
+        96, 32, 32, 3)
+    assert {"clip_image_size": 96, "clip_patch_size": 32, "clip_vision_width": 32,
+            "clip_vision_layers": 3}.items() <= sft.to_dict().items()
+    assert "clip_patch_size" not in InstructionRecipe().to_dict()
+    with pytest.raises(ValueError, match="image_size=48 must be a multiple of patch_size=10"):
+        ClipRecipe(patch_size=10)
+    with pytest.raises(ValueError, match="vision_width=0 must be positive"):
+        ClipRecipe(vision_width=0)

@@ -447,3 +447,25 @@ def test_a_llava_json_with_image_files_encodes_exactly_as_the_world_in_memory(tm
     with pytest.raises(ValueError, match="none of the 1 records has an image"):
         encode_file_data([text_only], folder, tokenizer, processor, N_IMAGE)
     assert json.loads((folder / "data.json").read_text())[0]["id"] == loaded[0]["id"]
+
+
+def test_the_lm_size_reaches_the_lm_recipe_and_the_cache_key():
+    """lm_layers builds the LM it names and keys the instruction-tuned model by it; at its
+    default the keys are those of the runs cached before the field existed."""
+    from companion.instruction import InstructionRecipe, _instruction_artifact_config
+    from companion.vlm import TinyLMConfig
+
+    deep = InstructionRecipe(lm_layers=4)
+    assert deep.lm_recipe().sizes == TinyLMConfig(layers=4)
+    assert deep.to_dict()["lm_layers"] == 4 and "lm_layers" not in InstructionRecipe().to_dict()
+    keys = [_instruction_artifact_config(r) for r in (InstructionRecipe(), deep)]
+    assert keys[0]["lm_sizes"] == TinyLMConfig().to_dict()
+    assert keys[1]["lm_sizes"]["layers"] == 4 and keys[0]["recipe"] != keys[1]["recipe"]
+    assert InstructionRecipe(lm_layers=2).lm_recipe().sizes == TinyLMConfig()
+    # a field's value from before it existed keeps the old key; any other value enters it,
+    # whatever the default is now
+    merged, plain = InstructionRecipe(merge_patches=2), InstructionRecipe(merge_patches=1)
+    assert merged.to_dict()["merge_patches"] == 2 and "merge_patches" not in plain.to_dict()
+    assert _instruction_artifact_config(merged) != _instruction_artifact_config(plain)
+    with pytest.raises(ValueError, match="merge_patches=0"):
+        InstructionRecipe(merge_patches=0)

@@ -124,3 +124,65 @@ def test_a_tower_that_learns_is_never_served_from_the_cache(world):
     with pytest.raises(ValueError, match="the vision tower learns"):
         VisionFeatureCache(vlm, data.pixel_values)
     assert image_token_id(world["tokenizer"]) == vlm.config.image_token_index
+
+
+def test_merge_patches_joins_each_block_of_neighbours_in_reading_order():
+    """Against a loop over blocks: token (by, bx) holds patches (by·f + fy, bx·f + fx)."""
+    from companion.llava import merge_patches
+
+    features = torch.randn(2, 36, 3, dtype=torch.float64)
+    merged = merge_patches(features, 2)
+    assert merged.shape == (2, 9, 12)
+    for by in range(3):
+        for bx in range(3):
+            parts = [features[:, (2 * by + fy) * 6 + 2 * bx + fx] for fy in range(2)
+                     for fx in range(2)]
+            assert torch.equal(merged[:, by * 3 + bx], torch.cat(parts, dim=-1))
+    assert torch.equal(merge_patches(features, 1), features)
+    for bad in (4, 0):
+        with pytest.raises(ValueError, match=f"multiple of merge factor {bad}"):
+            merge_patches(features, bad)
+
+
+def test_a_vlm_with_merged_patches_reads_one_token_per_block_and_saves_and_loads(tmp_path):
+    """merge_patches=2: a quarter of the tokens, each the projector of a 2 x 2 block; the
+    written-out steps give the library model's logits; a saved model loads back the same."""
+    from companion.llava import LlavaWithMergedPatches, merge_patches
+    from companion.vlm import load_vlm, save_vlm
+
+    tokenizer = train_tokenizer(world_corpus(40, seed=1), vocab_size=400)
+    sizes = TinyClipConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=2,
+                           text_width=32, text_layers=1, heads=2, projection_dim=16)
+    clip, processor, _ = build_clip(tokenizer, sizes=sizes, seed=0)
+    lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=0)
+    vlm = build_vlm(clip, lm, tokenizer, seed=0, merge_patches=2).eval()
+    assert isinstance(vlm, LlavaWithMergedPatches) and image_seq_length(vlm) == 4
+    projector = vlm.model.multi_modal_projector
+    assert projector.linear_1.in_features == 4 * 32
+    scenes = make_scenes(3, seed=4)
+    records = make_instruction_dataset(scenes, tasks=("description",), seed=4)
+    by_id = {s.scene_id: s for s in scenes}
+    data = encode_records(records, tokenizer, processor, 4,
+                          lambda r: render_scene(by_id[r["scene_id"]], 16))
+    batch = data.batch(3, step=0, pad_id=tokenizer.pad_token_id)
+    features = vision_features(vlm, batch["pixel_values"])
+    assert features.shape == (3, 16, 32)
+    with torch.no_grad():
+        tokens = project(vlm, features)
+        by_hand = projector.linear_2(projector.act(projector.linear_1(
+            merge_patches(features, 2))))
+        library = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"]).logits
+        embeds = inputs_embeds(vlm, batch["input_ids"], pixel_values=batch["pixel_values"])
+        ours = vlm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    assert tokens.shape == (3, 4, LM_SIZES.hidden_size) and torch.equal(tokens, by_hand)
+    assert torch.equal(ours, library)
+    save_vlm(tmp_path / "merged", vlm, processor, tokenizer)
+    loaded, _, _ = load_vlm(tmp_path / "merged")
+    assert isinstance(loaded, LlavaWithMergedPatches) and image_seq_length(loaded) == 4
+    with torch.no_grad():
+        again = loaded.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              pixel_values=batch["pixel_values"]).logits
+    assert torch.equal(again, library)
+    with pytest.raises(ValueError, match="merge_patches=3"):
+        build_vlm(clip, lm, tokenizer, merge_patches=3)
