@@ -422,15 +422,15 @@ class InstructionRecipe:
     clip_patch_size: int = 8        # 16 (at 48 pixels): one vision token per cell of the grid
     clip_vision_width: int = 64
     clip_vision_layers: int = 2
-    merge_patches: int = 1          # 2: each 2 x 2 block of patches is one vision token
-                                    # (6 x 6 patches → 9 tokens, one per cell; llava.py)
+    merge_patches: int = 2          # each 2 x 2 block of patches is one vision token
+                                    # (6 x 6 patches → 9, one per cell; llava.py); 1: LLaVA's
     lm_scenes: int = 20000          # the text-only LM recipe (companion.vlm.LMRecipe)
     lm_steps: int = 2000
     lm_layers: int = 2              # the LM's transformer blocks (TinyLMConfig.layers)
     train_scenes: int = 3000        # scenes of the instruction data
     stage1_steps: int = 300
     stage1_lr: float = 1e-3
-    stage2_steps: int = 1600
+    stage2_steps: int = 2400
     stage2_lr: float = 2e-3
     batch_size: int = 32
     lm_loss_on: str = "replies"         # the LM's pretraining loss: "replies" or "all" tokens

@@ -513,6 +513,7 @@ _NOTEBOOK_PARAMETERS = {
     "sft_stage1_steps": [("sft", "stage1_steps")],
     "sft_stage2_steps": [("sft", "stage2_steps")],
     "sft_batch_size": [("sft", "batch_size")],
+    "sft_merge_patches": [("sft", "merge_patches")],
     "preference_scenes": [("rlhf", "scenes")],
     "samples": [("rlhf", "samples")],
     "max_new_tokens": [("rlhf", "max_new_tokens")],

@@ -47,10 +47,11 @@ train_scenes = 3000  # scenes of the instruction data (one record of each task t
 test_scenes = 60  # held-out scenes for the per-task evaluation
 stage1_steps = 300  # stage 1 (projector only) optimiser steps, on description records
 stage1_lr = 1e-3  # stage 1 peak learning rate (LLaVA-1.5: 1e-3)
-stage2_steps = 1600  # stage 2 (projector + LM) optimiser steps, on all task types
+stage2_steps = 2400  # stage 2 (projector + LM) optimiser steps, on all task types
 stage2_lr = 2e-3  # stage 2 peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
 batch_size = 32  # conversations per batch in both stages
 questions_per_conversation = 3  # stage 2: questions about one image joined in one conversation
+merge_patches = 2  # vision tokens: each merge_patches x merge_patches block of patches is one token (2: 9 per image, one per cell; 1: LLaVA's one per patch, 36)
 max_new_tokens = 48  # longest generated answer, in tokens
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
 vlm_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) to tune instead of assembling the tiny one
@@ -134,7 +135,7 @@ recipe = InstructionRecipe(
     clip_steps=clip_steps, clip_batch_size=clip_batch_size, lm_scenes=lm_scenes,
     lm_steps=lm_steps, train_scenes=train_scenes, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
     stage2_steps=stage2_steps, stage2_lr=stage2_lr, batch_size=batch_size,
-    questions_per_conversation=questions_per_conversation)
+    questions_per_conversation=questions_per_conversation, merge_patches=merge_patches)
 scenes_by_id, records = instruction_records(recipe)
 if train_json:  # a LLaVA data set from files: validated, every image checked
     image_folder = image_folder or str(Path(train_json).parent)
@@ -168,6 +169,18 @@ print(f"\n{len(records)} training records about {len(scenes_by_id)} scenes; {len
 # not predict anyway; and a comparison is answered with its evidence before its verdict
 # ("There is one triangle and no squares, so yes."), so the model counts before it decides.
 # The corpus matters too: 20,000 scenes; on 3,000 the LM fitted the scenes it had seen.
+#
+# How many tokens one image becomes is a choice too. LLaVA-1.5 gives the LM one token per
+# patch (576 for a 336-pixel image in 14-pixel patches); here that would be 36, four per
+# cell of the scene's 3 × 3 grid, scattered over the sequence, and the LM would first have
+# to learn which four belong together. `merge_patches = 2` joins each 2 × 2 block of
+# neighbouring patches into one token before the projector (their features concatenated:
+# the "pixel shuffle" of Idefics3, SmolVLM and nanoVLM; `companion/llava.py` writes it out),
+# so the LM reads 9 tokens, one per cell in reading order, and the tower stays as 3.1.1
+# trained it. Measured with `benchmarks/stage2_levers.py` on this notebook's held-out
+# records (README, Benchmarks): at 1,600 stage-2 steps, 36 tokens answered 0.526 and
+# 9 merged tokens 0.590, in less time; with 36 tokens twice the steps bought nothing
+# (0.527), with 9 they bought 0.714 (hallucination 0.173 against 0.307).
 
 # %%
 tokenizer = world_tokenizer(cache_dir, n_scenes=tokenizer_scenes, log=None)
@@ -186,13 +199,15 @@ else:
         lm, lm_history, lm_curve = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(),
                                                  device=dev, log=None, with_curve=True)
         lm_seconds = time.perf_counter() - start
-    vlm = build_vlm(clip, lm, tokenizer, seed=seed).to(dev)
+    vlm = build_vlm(clip, lm, tokenizer, seed=seed, merge_patches=merge_patches).to(dev)
 n_image_tokens = image_seq_length(vlm)
 image_size = vlm.config.vision_config.image_size
 for part, (trainable, total) in trainable_summary(vlm).items():
     print(f"{part:>9}: {total / 1e6:.3f} M parameters")
+merged = getattr(vlm.config, "merge_patches", 1)
 print(f"one image = {n_image_tokens} vision tokens ({image_size}x{image_size} pixels, "
-      f"{vlm.config.vision_config.patch_size}-pixel patches, CLS dropped)")
+      f"{vlm.config.vision_config.patch_size}-pixel patches, CLS dropped"
+      + (f", {merged} x {merged} patches per token)" if merged > 1 else ")"))
 
 # %% [markdown]
 # ## The model's view of a sample: which tokens carry the loss
@@ -231,9 +246,9 @@ print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry los
 # image processor). Stage 1 uses the description records alone, as LLaVA's stage 1 uses
 # image-caption pairs; stage 2 uses every task type, and joins a scene's questions
 # `questions_per_conversation` at a time into one multi-turn conversation, as LLaVA's
-# conversation data asks several questions about one image: the 36 vision tokens are then
-# read once for three answers. (Measured by `benchmarks/stage2_levers.py` on these held-out
-# records: 0.526 this way against 0.472 with one question per conversation at the same
+# conversation data asks several questions about one image: the image's vision tokens are
+# then read once for three answers. (Measured by `benchmarks/stage2_levers.py` on these held-out
+# records, with 36 vision tokens: 0.526 this way against 0.472 with one question per conversation at the same
 # 1,600 steps, 0.527 with one question and twice the steps, 0.489 with six questions and
 # 1,000 steps; README, Benchmarks.)
 
@@ -287,8 +302,8 @@ def score(name):
 # %% [markdown]
 # ## Before any multimodal training
 #
-# The assembled model has a random projector: the LM receives 36 vectors it has never seen
-# where it expects a description. What does it say?
+# The assembled model has a random projector: the LM receives vision tokens it has never
+# seen where it expects a description. What does it say?
 
 # %% tags=["nbval-ignore-output"]
 before = score("before")
@@ -464,7 +479,7 @@ plt.show()
 # How to read this. Stage 1 teaches the projector alone to produce vision tokens that the
 # frozen LM reads like a description; with an LM this small (two layers) and 300 steps,
 # that alignment is weak: the table shows what it carried over to each task, and whether
-# the mean moved at all. (A 36-token image is not a sentence, and the frozen LM has only
+# the mean moved at all. (A few vision tokens are not a sentence, and the frozen LM has only
 # ever read sentences; in 300 steps the projector alone does not make its tokens read like
 # one.) Stage 2 lets the LM itself learn to read the vision tokens and answer every task
 # type: that is where the gains come from here. The hardest checks are the strictest: a

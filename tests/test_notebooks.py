@@ -289,7 +289,8 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
         clip_batch_size=p["clip_batch_size"], lm_scenes=p["lm_scenes"], lm_steps=p["lm_steps"],
         train_scenes=p["train_scenes"], stage1_steps=p["stage1_steps"],
         stage1_lr=p["stage1_lr"], stage2_steps=p["stage2_steps"], stage2_lr=p["stage2_lr"],
-        batch_size=p["batch_size"], questions_per_conversation=p["questions_per_conversation"])
+        batch_size=p["batch_size"], questions_per_conversation=p["questions_per_conversation"],
+        merge_patches=p["merge_patches"])
     assert recipes["3.3.1"].sft == sft, "3.3.x would not find the model 3.2 publishes"
 
 
