@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from companion.llava import merge_patches
+
 PROBE_ATTRIBUTES = ("object", "shape", "color", "size")
 IGNORE = -100  # label of an attribute a cell does not have (no object there)
 MAX_PROBE_WEIGHTS = 100_000_000  # first-layer weights of a CellProbe (LLaVA-1.5: 67 M); beyond, refuse
@@ -83,9 +85,7 @@ def cell_groups(features: torch.Tensor, cells_per_side: int = 3) -> torch.Tensor
         raise ValueError(f"{tokens} vision tokens do not form a square grid whose side is a "
                          f"multiple of {cells_per_side}; the cell probe needs each scene cell "
                          "to cover whole patches")
-    from companion.llava import merge_patches  # the projector's own merge (one token per cell)
-
-    return merge_patches(features, side // cells_per_side)
+    return merge_patches(features, side // cells_per_side)  # the projector's own merge
 
 
 class CellProbe(nn.Module):
