@@ -24,11 +24,19 @@ import torch
 from companion.instruction import InstructionRecipe
 
 
+# the careless annotator's rate for 3.3's starting model (companion.world.careless_annotations)
+MACHINE_WRITTEN = 1.0
+
+
 @dataclass(frozen=True)
 class RLHFRecipe:
     """Everything that decides section 3.3's artifacts (their cache keys)."""
 
-    sft: InstructionRecipe = field(default_factory=InstructionRecipe)
+    # the starting model: 3.2's recipe trained on machine-written data (every long-form
+    # record carries one invented answer), whose learned hallucinations preference tuning
+    # can remove; annotator_hallucination_rate=0 gives 3.2's own clean model
+    sft: InstructionRecipe = field(
+        default_factory=lambda: InstructionRecipe(annotator_hallucination_rate=MACHINE_WRITTEN))
     seed: int = 0
     scenes: int = 400               # scenes of the preference prompts (one prompt per task)
     heldout_fraction: float = 0.2   # share of those scenes kept out of every training set
@@ -403,6 +411,15 @@ def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
     return replace(recipe, sft=replace(recipe.sft, **changes))
 
 
+def evaluate_answers(model, tokenizer, heldout, max_new_tokens: int = 48):
+    """The judged greedy answers of ``model`` on :func:`heldout_prompts`' records, every
+    record played as a chat as in 3.2 (a :class:`~companion.instruction.TaskScores`)."""
+    from companion.instruction import evaluate_tasks
+
+    by_id, records, _, pixels = heldout
+    return evaluate_tasks(model, tokenizer, records, by_id, pixels, max_new_tokens=max_new_tokens)
+
+
 def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens: int = 48,
                     kl_samples: int = 2, seed: int = 0,
                     factual: bool | None = None) -> tuple[dict, object]:
@@ -418,13 +435,11 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
     ``scores`` (a :class:`~companion.instruction.TaskScores`) lets two rows be compared
     answer by answer (:func:`companion.evaluate.paired_difference`).
     """
-    from companion.instruction import evaluate_tasks
     from companion.ppo import sampled_kl
     from companion.preference import score_replies
 
-    by_id, records, prompts, pixels = heldout
-    scores = evaluate_tasks(model, tokenizer, records, by_id, pixels,
-                            max_new_tokens=max_new_tokens)
+    by_id, _, prompts, pixels = heldout
+    scores = evaluate_answers(model, tokenizer, heldout, max_new_tokens)
     first = {a["id"]: a["answer"] for a in scores.answers if a["turn"] == 0}
     texts = [p["prompt"] for p in prompts]
     if factual is None:
@@ -543,4 +558,4 @@ def recipe_from_parameters(parameters: dict) -> RLHFRecipe:
         if name in parameters:
             for recipe, field_name in targets:
                 fields[recipe][field_name] = parameters[name]
-    return RLHFRecipe(sft=InstructionRecipe(**fields["sft"]), **fields["rlhf"])
+    return RLHFRecipe(sft=replace(RLHFRecipe().sft, **fields["sft"]), **fields["rlhf"])

@@ -14,10 +14,9 @@
 # %% [markdown]
 # # 3.3.1 RLHF, steps 1 and 2: preference data and the reward model (人类反馈强化学习)
 #
-# The instruction-tuned model of 3.2 answers in the right format, but often says things
-# that are not in the image: on 3.2's held-out questions about a third of its answers
-# contain a hallucination. Supervised data cannot say "this answer is worse than that one";
-# RLHF can. Its three steps, as the seed draws them:
+# An instruction-tuned model answers in the right format, but often says things that are
+# not in the image. Supervised data cannot say "this answer is worse than that one"; RLHF
+# can. Its three steps, as the seed draws them:
 #
 # 1. **Preference data.** For an image and a question the model samples several answers; a
 #    labeler says which is better (A > B).
@@ -26,6 +25,15 @@
 # 3. **PPO** makes the model produce answers the reward model scores higher, with a KL
 #    penalty that keeps it close to where it started (notebook 3.3.2). DPO skips the reward
 #    model (3.3.3).
+#
+# Where do a VLM's hallucinations come from? Partly from not seeing well enough, but in real
+# models much of it is *learned from the instruction data*. LLaVA-Instruct was written by a
+# text-only GPT-4 from captions and boxes; such a writer fills in plausible things that are
+# not in the picture, and a model trained on its answers learns to do the same. That learned
+# share is what preference tuning can undo (LLaVA-RLHF, RLHF-V and CHAIR-DPO all start from
+# it). So this section's starting model is 3.2's recipe trained on machine-written data
+# (`annotator_hallucination_rate`), and the first section below measures it beside 3.2's
+# own model, trained on clean data.
 #
 # Our labeler is the shapes world's judge: it knows the scene, so it can score an answer's
 # correctness and catch every object, colour, count or word that is not there. A noise knob
@@ -48,6 +56,8 @@ sft_stage1_steps = 300  # 3.2's stage 1 steps
 sft_stage2_steps = 2400  # 3.2's stage 2 steps
 sft_batch_size = 32  # 3.2's batch size
 sft_merge_patches = 2  # 3.2's merge_patches (patches per vision token, per side)
+annotator_hallucination_rate = 1.0  # share of 3.2's long-form training records written by a careless annotator (0: 3.2's own clean model)
+test_scenes = 60  # 3.2's held-out scenes, for the clean and machine-written models side by side
 preference_scenes = 400  # scenes whose questions are sampled and labelled (one per task type)
 samples = 4  # replies sampled per question for the labeler to compare
 max_new_tokens = 32  # longest sampled reply, in tokens
@@ -76,8 +86,12 @@ from companion.book import write_metrics
 from companion.dpo import reference_logps
 from companion.losses.preference import bradley_terry_loss, preference_probability
 from companion.preference import flip_preferences, score_pairs
-from companion.rlhf import (preference_data, preference_records, recipe_from_parameters,
-                            reward_model, rlhf_prompts, sft_model, train_reward_model)
+from companion.evaluate import paired_difference
+from companion.instruction import instruction_records
+from companion.plots import plot_task_accuracy
+from companion.rlhf import (evaluate_answers, heldout_prompts, preference_data,
+                            preference_records, recipe_from_parameters, reward_model,
+                            rlhf_prompts, sft_model, train_reward_model, with_sft)
 from companion.runtime import setup
 
 %matplotlib inline
@@ -91,6 +105,67 @@ seconds["3.2 model (loaded or trained)"] = time.perf_counter() - start
 pad = tokenizer.pad_token_id
 
 # %% [markdown]
+# ## Where the hallucinations come from: clean and machine-written data
+#
+# `careless_annotations` plays the caption-only writer: in that share of the long-form
+# records (descriptions and multi-turn conversations), one answer names an object, colour
+# or count that the scene does not have. The short answers (counting, OCR, reasoning,
+# grounding) stay clean, as LLaVA-1.5's "academic" data (VQAv2, GQA, OCR-VQA, RefCOCO)
+# were labelled by people. One such record, as the model trains on it:
+
+# %%
+if recipe.sft.annotator_hallucination_rate > 0 and not recipe.sft_checkpoint:
+    _, written_records = instruction_records(recipe.sft)
+    written = [r for r in written_records if r.get("annotator")]
+    example = written[0]
+    turn = example["annotator"]["turn"]
+    print(f"{len(written)} of {len(written_records)} training records carry one invented "
+          f"answer\n[{example['task']}] {example['conversations'][2 * turn]['value']}\n"
+          f"  written: {example['conversations'][2 * turn + 1]['value']}\n"
+          f"  true:    {example['annotator']['clean']}")
+else:
+    print("the starting model was trained on clean data (or is a checkpoint): nothing to show")
+
+# %% [markdown]
+# The same recipe, the same steps, the same scenes; only those answers differ. Both models
+# answer 3.2's held-out questions (greedy, judged as in 3.2), and the two runs are paired
+# answer by answer:
+
+# %% tags=["trained-figures"]
+start = time.perf_counter()
+heldout = heldout_prompts(recipe, test_scenes, processor, sft.config.vision_config.image_size)
+side_by_side = {}
+if recipe.sft.annotator_hallucination_rate > 0 and not recipe.sft_checkpoint:
+    clean = sft_model(cache_dir, with_sft(recipe, annotator_hallucination_rate=0.0), device=dev,
+                      log=None)[0]
+    side_by_side["clean data (3.2)"] = evaluate_answers(clean, tokenizer, heldout)
+side_by_side["machine-written data"] = evaluate_answers(sft, tokenizer, heldout)
+seconds["side by side"] = time.perf_counter() - start
+for name, judged in side_by_side.items():
+    print(f"{name:>21}: mean task accuracy {judged.mean_task_accuracy():.3f}, "
+          f"hallucination rate {judged.hallucination_rate():.3f}")
+metrics["sft_hallucination_rate"] = side_by_side["machine-written data"].hallucination_rate()
+if len(side_by_side) == 2:
+    learned = paired_difference(*side_by_side.values(), key="hallucinated")
+    metrics["clean_sft_hallucination_rate"] = learned["control"]
+    metrics["learned_hallucination"] = learned["difference"]
+    metrics["learned_hallucination_se"] = learned["se"]
+    print(f"learned from the data: {learned['difference']:+.3f} ± {learned['se']:.3f} (s.e.)")
+    tables = {name: judged.by_task() for name, judged in side_by_side.items()}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+    plot_task_accuracy(tables, "Held-out task accuracy by type", ax=axes[0])
+    plot_task_accuracy(tables, "Held-out hallucination rate by type", key="hallucination_rate",
+                       ax=axes[1])
+    plt.show()
+
+# %% [markdown]
+# The long-form tasks (descriptions, multi-turn) carry the invented answers, and that is
+# where the hallucination rate rises most; the short answers were clean, and most of them
+# move far less (a model that learned to name extra objects can carry the habit into
+# another task's answers). What the model learned from its
+# data sits on top of what it cannot see (the clean model's own rate), and it is the part a
+# preference between two of its answers can reach.
+#
 # ## Step 1: the model answers, the labeler compares
 #
 # For each question (one per task type about each of the section's own scenes) the 3.2 model

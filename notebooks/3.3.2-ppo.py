@@ -15,8 +15,8 @@
 # # 3.3.2 RLHF, step 3: PPO with a KL penalty (PPO强化学习优化)
 #
 # The seed's third step: use the reward model's score as the reward signal and optimise the
-# policy (the instruction-tuned model of 3.2) to produce answers that score higher, while a
-# KL penalty keeps it close to where it started:
+# policy (the SFT model of 3.3.1: 3.2's recipe trained on machine-written data) to produce
+# answers that score higher, while a KL penalty keeps it close to where it started:
 #
 # maximise  E[r(answer)] − β · KL(π ‖ π_ref).
 #
@@ -56,6 +56,7 @@ sft_stage1_steps = 300  # 3.2's stage 1 steps
 sft_stage2_steps = 2400  # 3.2's stage 2 steps
 sft_batch_size = 32  # 3.2's batch size
 sft_merge_patches = 2  # 3.2's merge_patches (patches per vision token, per side)
+annotator_hallucination_rate = 1.0  # 3.3.1's starting model: that share of 3.2's long-form records machine-written (0: 3.2's own model)
 preference_scenes = 400  # 3.3.1's preference scenes (its prompts are PPO's prompts too)
 samples = 4  # 3.3.1's replies per question
 max_new_tokens = 32  # longest sampled reply, in tokens (rollouts too)
@@ -207,7 +208,7 @@ plt.show()
 start = time.perf_counter()
 heldout = heldout_prompts(recipe, test_scenes, processor, image_size)
 rows, judged = {}, {}
-for name, model in (("SFT (3.2)", sft), ("PPO", ppo_vlm), ("PPO, β = 0", free_vlm)):
+for name, model in (("SFT", sft), ("PPO", ppo_vlm), ("PPO, β = 0", free_vlm)):
     rows[name], judged[name] = evaluate_policy(model, sft, reward, tokenizer, heldout, seed=seed)
 seconds["evaluation"] = time.perf_counter() - start
 print(f"{'':>12} {'task acc.':>10} {'halluc.':>8} {'reward':>8} {'KL':>7}")
@@ -245,8 +246,8 @@ metrics["ppo_beta0_last10"] = {k: mean(free_history[-10:], k)
 # points; a smaller fall is noise as far as this many questions can tell.
 
 # %% tags=["nbval-ignore-output"]
-sft_row = rows["SFT (3.2)"]
-versus_sft = versus_reference_model(judged, base="SFT (3.2)")
+sft_row = rows["SFT"]
+versus_sft = versus_reference_model(judged, base="SFT")
 for name, change in versus_sft.items():
     row = rows[name]
     metrics[f"{name}_verdict"] = change["verdict"]
@@ -257,7 +258,7 @@ for name, change in versus_sft.items():
 metrics["versus_sft"] = versus_sft
 metrics.update(headline_changes("ppo", versus_sft["PPO"], sft_row["hallucination_rate"]))
 metrics["ppo_kl"], metrics["ppo_beta0_kl"] = rows["PPO"]["kl"], rows["PPO, β = 0"]["kl"]
-fig = plot_paired_changes(versus_sft, "SFT (3.2)")
+fig = plot_paired_changes(versus_sft, "SFT")
 plt.show()
 _ = write_metrics("3.3.2", metrics, output_dir)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from companion.dpo import DPOConfig, dpo_batch_loss, reference_logps, reply_logps, train_dpo
-from companion.instruction import IGNORE_INDEX, generate_tokens
+from companion.instruction import IGNORE_INDEX, InstructionRecipe, generate_tokens
 from companion.models import TinyClipConfig, build_clip
 from companion.ppo import (PolicyWithValueHead, PPOConfig, reference_reply_logps,
                            reply_logps_values, rollout, train_ppo)
@@ -506,7 +506,6 @@ def test_section_artifacts_are_built_once_and_reloaded(tmp_path):
     """3.3's preference data, reward model and PPO policy each build once per recipe, so
     each 3.3 notebook can run alone (building what it lacks) or load what an earlier one
     made."""
-    from companion.instruction import InstructionRecipe
     from companion.rlhf import RLHFRecipe, ppo_policy, preference_records, reward_model
 
     sft = InstructionRecipe(tokenizer_scenes=40, clip_train_scenes=32, clip_steps=2,
@@ -533,7 +532,7 @@ def test_section_artifacts_are_built_once_and_reloaded(tmp_path):
 
 
 def test_recipe_from_notebook_parameters_maps_every_name():
-    from companion.rlhf import recipe_from_parameters
+    from companion.rlhf import MACHINE_WRITTEN, recipe_from_parameters
 
     recipe = recipe_from_parameters({"seed": 3, "sft_train_scenes": 5, "sft_batch_size": 2,
                                      "preference_scenes": 7, "rm_lr": 1e-3, "ppo_kl_coef": 0.0,
@@ -542,6 +541,11 @@ def test_recipe_from_notebook_parameters_maps_every_name():
     assert (recipe.sft.train_scenes, recipe.sft.batch_size) == (5, 2)
     assert (recipe.scenes, recipe.rm_lr, recipe.ppo_kl_coef) == (7, 1e-3, 0.0)
     assert recipe.samples == RLHFRecipe().samples  # undeclared names keep their defaults
+    # ... the starting model's too: 3.2's recipe on machine-written data, unless told 0
+    assert recipe.sft.annotator_hallucination_rate == MACHINE_WRITTEN == 1.0
+    assert recipe_from_parameters({}).sft == RLHFRecipe().sft != InstructionRecipe()
+    clean = recipe_from_parameters({"annotator_hallucination_rate": 0.0})
+    assert clean.sft == InstructionRecipe()  # 3.2's own model, the side-by-side's control
     seeds = recipe_from_parameters({"rm_factual": False, "annotator_hallucination_rate": 0.3,
                                     "rm_pooling": "last", "ppo_score_norm": False})
     assert not seeds.rm_factual and seeds.sft.annotator_hallucination_rate == 0.3
