@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from companion.instruction import InstructionRecipe  # noqa: E402
 from companion.rlhf import (RLHFRecipe, evaluate_policy, heldout_prompts, reward_model,  # noqa: E402
                             run_ppo, sft_model, versus_reference_model)
 from companion.runtime import setup  # noqa: E402
@@ -38,9 +39,10 @@ SFT_FIELDS = {"annotator_hallucination_rate"}
 
 
 # every run's options are changes from the seed's reward model and PPO on raw scores (the
-# recipe's defaults when these results were recorded), so the recorded rows keep their meaning
-SEEDS_RECIPE = RLHFRecipe(rm_factual=False, rm_pooling="last", rm_lr=3e-4,
-                          ppo_score_norm=False)
+# recipe's defaults when these results were recorded), from 3.2's clean model, so the
+# recorded rows keep their meaning
+SEEDS_RECIPE = RLHFRecipe(sft=InstructionRecipe(), rm_factual=False, rm_pooling="last",
+                          rm_lr=3e-4, ppo_score_norm=False)
 
 
 def recipe_for(option: dict) -> RLHFRecipe:

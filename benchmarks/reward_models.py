@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from companion.dpo import reference_logps  # noqa: E402
+from companion.instruction import InstructionRecipe  # noqa: E402
 from companion.preference import score_pairs  # noqa: E402
 from companion.rlhf import (RLHFRecipe, preference_data, preference_records, rlhf_prompts,  # noqa: E402
                             sft_model, train_reward_model)
@@ -43,9 +44,10 @@ EXTRA = {"fact_gain"}
 
 
 # every run's options are changes from the seed's reward model and PPO on raw scores (the
-# recipe's defaults when these results were recorded), so the recorded rows keep their meaning
-SEEDS_RECIPE = RLHFRecipe(rm_factual=False, rm_pooling="last", rm_lr=3e-4,
-                          ppo_score_norm=False)
+# recipe's defaults when these results were recorded), from 3.2's clean model, so the
+# recorded rows keep their meaning
+SEEDS_RECIPE = RLHFRecipe(sft=InstructionRecipe(), rm_factual=False, rm_pooling="last",
+                          rm_lr=3e-4, ppo_score_norm=False)
 
 
 def by_task(records, correct) -> dict[str, float]:
