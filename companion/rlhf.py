@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from companion.instruction import InstructionRecipe
+from companion.instruction import InstructionRecipe, evaluate_tasks
 
 
 # the careless annotator's rate for 3.3's starting model (companion.world.careless_annotations)
@@ -414,8 +414,6 @@ def with_sft(recipe: RLHFRecipe, **changes) -> RLHFRecipe:
 def evaluate_answers(model, tokenizer, heldout, max_new_tokens: int = 48):
     """The judged greedy answers of ``model`` on :func:`heldout_prompts`' records, every
     record played as a chat as in 3.2 (a :class:`~companion.instruction.TaskScores`)."""
-    from companion.instruction import evaluate_tasks
-
     by_id, records, _, pixels = heldout
     return evaluate_tasks(model, tokenizer, records, by_id, pixels, max_new_tokens=max_new_tokens)
 
