@@ -40,7 +40,12 @@ RM_FIELDS = {"rm_factual", "rm_pooling", "rm_steps", "rm_lr", "rm_batch_size"}
 # not a recipe field (yet): train the factual likelihood reward model relative to the 3.2
 # model's log-prob of the reply *without* the facts, so that its reward is how much more
 # likely the facts make the reply (starts at the "likelihood_gain_from_facts" baseline)
-EXTRA = {"fact_gain"}
+EXTRA = {"fact_gain", "rm_base", "facts_boxes"}
+# "facts_boxes": true gives the factual reward model each object's box in the facts too
+# (the LM never read boxes in its pretraining; grounding replies state boxes)
+# not a recipe field (yet) either: "rm_base": "clean" starts the reward model from 3.2's
+# clean-data model instead of the SFT policy that sampled the pairs (with --annotator-rate,
+# the policy learned hallucinations from its data; the clean model did not)
 
 
 # every run's options are changes from the seed's reward model and PPO on raw scores (the
@@ -69,6 +74,8 @@ def main(argv=None) -> int:
         if options.get("fact_gain") and not (options.get("rm_factual")
                                              and options.get("rm_pooling") == "likelihood"):
             raise ValueError("fact_gain needs rm_factual true and rm_pooling 'likelihood'")
+        if options.get("rm_base", "sft") not in ("sft", "clean"):
+            raise ValueError(f"rm_base={options['rm_base']!r}; choose 'sft' or 'clean'")
         if unknown:
             raise ValueError(f"only reward-model fields can change here "
                              f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
@@ -88,11 +95,24 @@ def main(argv=None) -> int:
         data[factual] = {split: preference_data(records, split, tokenizer, processor, sft, by_id,
                                                 factual=factual)
                          for split in ("train", "heldout")}
+    if any(o.get("facts_boxes") for o in options):  # the facts with every object's box
+        import companion.rlhf as rlhf_module
+        from companion.vlm import scene_as_text
+
+        plain_facts = rlhf_module.scene_facts
+        rlhf_module.scene_facts = lambda scenes, ids: [scene_as_text(scenes[i], boxes=True)
+                                                       for i in ids]
+        data["boxes"] = {split: preference_data(records, split, tokenizer, processor, sft, by_id,
+                                                factual=True) for split in ("train", "heldout")}
+        rlhf_module.scene_facts = plain_facts
     print(f"{len(records) - len(heldout)} training pairs, {len(heldout)} held out")
     for split in ("train", "heldout"):
         if len(data[True][split]) != len(data[False][split]):
             raise ValueError(f"{split}: the factual and plain encodings skipped different "
                              "pairs; their scores cannot be paired")
+    clean = None
+    if any(o.get("rm_base") == "clean" for o in options) and args.annotator_rate:
+        clean, _, _ = sft_model(args.cache_dir, SEEDS_RECIPE, device, log=None)
     logps = {}
     rate = {"annotator_hallucination_rate": args.annotator_rate} if args.annotator_rate else {}
     for factual, splits in data.items():  # the free baselines: no reward model at all
@@ -102,6 +122,12 @@ def main(argv=None) -> int:
                "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
                "by_task": by_task(heldout, correct), "pairs_heldout": len(correct)}
         report(row, args.out)
+        if clean is not None:  # the clean model's likelihood of the same replies
+            chosen, rejected = reference_logps(clean, splits["heldout"], pad)
+            correct = (chosen > rejected).tolist()
+            report({**row, "options": {**row["options"], "rm_base": "clean"},
+                    "heldout_pair_accuracy": round(sum(correct) / len(correct), 3),
+                    "by_task": by_task(heldout, correct)}, args.out)
     # how much more likely the facts make a reply: log p(y | image, facts) - log p(y | image),
     # the pointwise mutual information of reply and facts under the 3.2 model (no training)
     gain_chosen = logps[True][0] - logps[False][0]
@@ -114,13 +140,15 @@ def main(argv=None) -> int:
         recipe = dataclasses.replace(base, **{k: v for k, v in option.items() if k not in EXTRA})
         if args.annotator_rate:
             option = {**option, "annotator_hallucination_rate": args.annotator_rate}
-        train, test = data[recipe.rm_factual]["train"], data[recipe.rm_factual]["heldout"]
+        layout = "boxes" if option.get("facts_boxes") else recipe.rm_factual
+        train, test = data[layout]["train"], data[layout]["heldout"]
         offsets = test_offsets = None
         if option.get("fact_gain"):
             offsets = reference_logps(sft, data[False]["train"], pad)
             test_offsets = logps[False]
         start = time.perf_counter()
-        model, history = train_reward_model(sft, train, pad, recipe.rm_pooling, recipe.rm_steps,
+        start_model = clean if option.get("rm_base") == "clean" and clean is not None else sft
+        model, history = train_reward_model(start_model, train, pad, recipe.rm_pooling, recipe.rm_steps,
                                             recipe.rm_lr, recipe.rm_batch_size, recipe.seed,
                                             device, log=lambda _: None, offsets=offsets)
         seconds = time.perf_counter() - start
