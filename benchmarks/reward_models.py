@@ -76,6 +76,9 @@ def main(argv=None) -> int:
             raise ValueError("fact_gain needs rm_factual true and rm_pooling 'likelihood'")
         if options.get("rm_base", "sft") not in ("sft", "clean"):
             raise ValueError(f"rm_base={options['rm_base']!r}; choose 'sft' or 'clean'")
+        if options.get("rm_base") == "clean" and not args.annotator_rate:
+            raise ValueError("rm_base 'clean' needs --annotator-rate above 0: without it the "
+                             "SFT policy is 3.2's clean model already")
         if unknown:
             raise ValueError(f"only reward-model fields can change here "
                              f"({', '.join(sorted(RM_FIELDS))}), not {', '.join(sorted(unknown))}")
@@ -99,12 +102,15 @@ def main(argv=None) -> int:
         import companion.rlhf as rlhf_module
         from companion.vlm import scene_as_text
 
-        plain_facts = rlhf_module.scene_facts
+        plain_facts = rlhf_module.scene_facts  # swapped for this encoding only
         rlhf_module.scene_facts = lambda scenes, ids: [scene_as_text(scenes[i], boxes=True)
                                                        for i in ids]
-        data["boxes"] = {split: preference_data(records, split, tokenizer, processor, sft, by_id,
-                                                factual=True) for split in ("train", "heldout")}
-        rlhf_module.scene_facts = plain_facts
+        try:
+            data["boxes"] = {split: preference_data(records, split, tokenizer, processor, sft,
+                                                    by_id, factual=True)
+                             for split in ("train", "heldout")}
+        finally:
+            rlhf_module.scene_facts = plain_facts
     print(f"{len(records) - len(heldout)} training pairs, {len(heldout)} held out")
     for split in ("train", "heldout"):
         if len(data[True][split]) != len(data[False][split]):
@@ -147,10 +153,11 @@ def main(argv=None) -> int:
             offsets = reference_logps(sft, data[False]["train"], pad)
             test_offsets = logps[False]
         start = time.perf_counter()
-        start_model = clean if option.get("rm_base") == "clean" and clean is not None else sft
-        model, history = train_reward_model(start_model, train, pad, recipe.rm_pooling, recipe.rm_steps,
-                                            recipe.rm_lr, recipe.rm_batch_size, recipe.seed,
-                                            device, log=lambda _: None, offsets=offsets)
+        start_model = clean if option.get("rm_base") == "clean" else sft
+        model, history = train_reward_model(start_model, train, pad, recipe.rm_pooling,
+                                            recipe.rm_steps, recipe.rm_lr, recipe.rm_batch_size,
+                                            recipe.seed, device, log=lambda _: None,
+                                            offsets=offsets)
         seconds = time.perf_counter() - start
         chosen, rejected = score_pairs(model, test, pad)
         if test_offsets is not None:
