@@ -14,6 +14,11 @@ of ``TinyLMConfig``, the CLIP of ``TinyClipConfig``, batch 32, the world's instr
 * ``vlm_pixels``: a stage-2 step from pixels (the frozen tower runs every step).
 * ``vlm_cached``: the same step from cached tower features (``companion.llava``).
 * ``..._bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+* ``lm_recipe``: a step of the book's own LM pretraining (``LMRecipe``'s defaults: six
+  questions per conversation, loss on the replies), over batches of the lengths its
+  length-grouped sampler draws; with ``--compile`` also ``lm_recipe_compiled``, the same
+  steps through ``torch.compile`` (its compile time reported apart, and the largest
+  difference of its losses from the eager ones over the timed steps).
 * ``gemm``: float32 matrix products of the LM's own shapes (rows = tokens of a batch,
   128 → 384 and 384 → 128) and one of 1024³: what this CPU's BLAS reaches.
 
@@ -31,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,13 +44,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from companion.instruction import (encode_records, instruction_tuning_step,  # noqa: E402
-                                   label_tokens, pad_examples)
+from companion.instruction import (encode_records, grouped_rows,  # noqa: E402
+                                   instruction_tuning_step, label_tokens, pad_examples)
 from companion.models import TinyClipConfig, build_clip  # noqa: E402
 from companion.stages import apply_stage  # noqa: E402
 from companion.tokenizer import encode_chat, world_tokenizer  # noqa: E402
-from companion.vlm import (TinyLMConfig, build_lm, build_vlm, image_seq_length,  # noqa: E402
-                           lm_corpus)
+from companion.vlm import (LMRecipe, TinyLMConfig, build_lm, build_vlm,  # noqa: E402
+                           image_seq_length, lm_corpus, lm_training_examples)
 from companion.world import make_instruction_dataset, make_scenes, render_scene  # noqa: E402
 
 
@@ -72,6 +78,50 @@ def _gemm_flops(m: int, k: int, n: int, repeats: int) -> float:
     return 2 * m * k * n / seconds
 
 
+def _lm_recipe_rows(tokenizer, args) -> dict:
+    recipe = LMRecipe()
+    examples = lm_training_examples(replace(recipe, scenes=400), tokenizer)
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = [pad_examples([examples[r] for r in grouped_rows(lengths, recipe.batch_size, step)],
+                            tokenizer.pad_token_id) for step in range(args.steps + 2)]
+    tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches[2:])
+    out, losses = {}, {}
+    arms = [("lm_recipe", False)] + ([("lm_recipe_compiled", True)] if args.compile else [])
+    for name, compiled in arms:
+        model, _ = build_lm(tokenizer, sizes=recipe.sizes, seed=recipe.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        forward = torch.compile(model, dynamic=True) if compiled else model
+        losses[name] = []
+
+        def step(batch):
+            loss = forward(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        start = time.perf_counter()
+        for batch in batches[:2]:  # warm-up (and, compiled, the compilation)
+            step(batch)
+        warmup = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):  # the same weights go on learning: losses differ per repeat
+            start = time.perf_counter()
+            losses[name] = [step(batch) for batch in batches[2:]]
+            times.append((time.perf_counter() - start) / args.steps)
+        seconds = statistics.median(times)
+        flops = 6 * _matrix_params(model) * tokens
+        out[name] = {"seconds_per_step": seconds, "tokens_per_step": tokens,
+                     "tokens_per_second": tokens / seconds, "flops_per_second": flops / seconds,
+                     "warmup_seconds": warmup}
+    if args.compile:
+        row = out["lm_recipe_compiled"]
+        row["time_vs_lm_recipe"] = row["seconds_per_step"] / out["lm_recipe"]["seconds_per_step"]
+        row["max_loss_difference"] = max(abs(a - b) for a, b in
+                                         zip(losses["lm_recipe"], losses["lm_recipe_compiled"]))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -79,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     parser.add_argument("--out", default="")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the book's LM step through torch.compile")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     tokenizer = world_tokenizer(args.cache_dir, n_scenes=2000, log=None)
@@ -106,6 +158,9 @@ def main(argv=None) -> int:
         seconds = _median_seconds(lambda: lm_step(bf16), args.steps, args.repeats)
         rows[name] = {"seconds_per_step": seconds, "tokens_per_step": tokens,
                       "tokens_per_second": tokens / seconds, "flops_per_second": lm_flops / seconds}
+
+    # --- the book's LM recipe, eager and (with --compile) through torch.compile
+    rows.update(_lm_recipe_rows(tokenizer, args))
 
     # --- the VLM, stage 2 (tower frozen; projector and LM learn)
     clip, processor, _ = build_clip(tokenizer, sizes=TinyClipConfig(), seed=0)
