@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    # the shapes world (companion/world.py)
+    # the shapes world (companion/world/)
     "WorldConfig": "companion.world",
     "Scene": "companion.world",
     "SceneObject": "companion.world",
