@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from companion.instruction import (encode_records, grouped_rows,  # noqa: E402
-                                   instruction_tuning_step, label_tokens, pad_examples)
+                                   instruction_tuning_step, pad_examples)
 from companion.models import TinyClipConfig, build_clip  # noqa: E402
 from companion.stages import apply_stage  # noqa: E402
 from companion.tokenizer import encode_chat, world_tokenizer  # noqa: E402
@@ -93,7 +93,7 @@ def _lm_recipe_rows(tokenizer, args) -> dict:
         forward = torch.compile(model, dynamic=True) if compiled else model
         losses[name] = []
 
-        def step(batch):
+        def step(batch, forward=forward, optimizer=optimizer):
             loss = forward(**batch).loss
             loss.backward()
             optimizer.step()
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     lm_flops = 6 * (_matrix_params(lm)) * tokens
     for name, bf16 in (("lm", False), ("lm_bf16", True)):
-        seconds = _median_seconds(lambda: lm_step(bf16), args.steps, args.repeats)
+        seconds = _median_seconds(lambda bf16=bf16: lm_step(bf16), args.steps, args.repeats)
         rows[name] = {"seconds_per_step": seconds, "tokens_per_step": tokens,
                       "tokens_per_second": tokens / seconds, "flops_per_second": lm_flops / seconds}
 
@@ -196,7 +196,8 @@ def main(argv=None) -> int:
             ("vlm_cached", cached_batch, False, train_flops),
             ("vlm_pixels_bf16", pixel_batch, True, train_flops + tower_flops),
             ("vlm_cached_bf16", cached_batch, True, train_flops)):
-        seconds = _median_seconds(lambda: vlm_step(which, bf16), args.steps, args.repeats)
+        seconds = _median_seconds(lambda which=which, bf16=bf16: vlm_step(which, bf16),
+                                  args.steps, args.repeats)
         rows[name] = {"seconds_per_step": seconds, "tokens_per_step": vlm_tokens,
                       "tokens_per_second": vlm_tokens / seconds,
                       "flops_per_second": flops / seconds}
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     base = rows["vlm_pixels"]["seconds_per_step"]
     for name in ("vlm_cached", "vlm_pixels_bf16", "vlm_cached_bf16"):
         rows[name]["time_vs_vlm_pixels"] = rows[name]["seconds_per_step"] / base
-    rows["lm_bf16"]["time_vs_lm"] = rows["lm_bf16"]["seconds_per_step"] / rows["lm"]["seconds_per_step"]
+    rows["lm_bf16"]["time_vs_lm"] = (rows["lm_bf16"]["seconds_per_step"]
+                                     / rows["lm"]["seconds_per_step"])
 
     print(f"{'step':18s} {'s/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'floor':>6s}  ratio")
     for name, row in rows.items():

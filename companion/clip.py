@@ -93,7 +93,8 @@ class CaptionData:
 
 
 def build_caption_data(scenes, tokenizer, processor, render_size: int = 64,
-                       max_length: int = 64, groups_from: dict[str, int] | None = None) -> CaptionData:
+                       max_length: int = 64,
+                       groups_from: dict[str, int] | None = None) -> CaptionData:
     """Render ``scenes`` and tokenise all their caption phrasings."""
     from companion.world import canonical_caption, render_scene, scene_captions
 
@@ -249,7 +250,8 @@ def similarity_matrix(model, batch, temperature: float | None = None) -> torch.T
     """Cosine similarity (or logits if ``temperature``) of a batch's images and captions, (B, B)."""
     with torch.no_grad():
         device = next(model.parameters()).device
-        image = F.normalize(image_embeddings(model, batch["pixel_values"].to(device)).float(), dim=-1)
+        image = F.normalize(image_embeddings(model, batch["pixel_values"].to(device)).float(),
+                            dim=-1)
         text = F.normalize(text_embeddings(model, batch["input_ids"].to(device),
                                            batch["attention_mask"].to(device)).float(), dim=-1)
         sim = (image @ text.T).cpu()

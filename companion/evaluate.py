@@ -68,7 +68,8 @@ def retrieval_metrics(
     """Image→text and text→image recall@k on cosine similarity.
 
     Correct pairs are given by groups or by an (I, T) bool ``relevance`` matrix (see
-    :func:`recall_at_k`). Returns ``{"i2t_R@1": ..., "i2t_R@5": ..., "t2i_R@1": ..., "t2i_R@5": ...}``.
+    :func:`recall_at_k`). Returns
+    ``{"i2t_R@1": ..., "i2t_R@5": ..., "t2i_R@1": ..., "t2i_R@5": ...}``.
     """
     image_embeddings = F.normalize(image_embeddings.float(), dim=-1)  # [I, D]
     text_embeddings = F.normalize(text_embeddings.float(), dim=-1)    # [T, D]

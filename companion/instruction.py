@@ -128,7 +128,8 @@ class LlavaCollator:
             raise NoTargetError(f"every record of this batch of {len(records)} was skipped: "
                                 f"{self.skipped[-1][1]}")
         batch = pad_examples(examples, self.tokenizer.pad_token_id)
-        batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        batch["pixel_values"] = self.image_processor(images=images,
+                                                     return_tensors="pt")["pixel_values"]
         return batch
 
 

@@ -215,7 +215,8 @@ _STAGE_PARAMETERS = {"lr": "lr", "batch_size": "batch_size", "epochs": "epochs",
                      "warmup_fraction": "warmup_fraction", "beta": "beta"}
 
 
-def config_from_parameters(parameters: dict, base: tuple[Stage, ...] = CPU_STAGES) -> PipelineConfig:
+def config_from_parameters(parameters: dict,
+                           base: tuple[Stage, ...] = CPU_STAGES) -> PipelineConfig:
     """The pipeline of notebook 3.4 from its parameters: world sizes by name
     (``clip_scenes``...) and each stage's settings as ``<stage>_<setting>`` (``stage2_lr``,
     ``stage1_batch_size``, ``vision_epochs``, ``dpo_beta``...); ``warmup_fraction`` sets the
@@ -497,7 +498,7 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
             checkpoint = Checkpointing(path, checkpoint_every)
         ctx["checkpoint"] = checkpoint
 
-        def build(folder, stage=stage):
+        def build(folder, stage=stage, steps=steps):
             taken, examples = _BUILDERS[stage.name](config, stage, folder, ctx)
             if folder is not None:
                 (folder / "stage.json").write_text(json.dumps({"steps": taken,

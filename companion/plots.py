@@ -185,7 +185,8 @@ def plot_dpo_losses(beta: float, label_smoothing: float = 0.1, h_range: float = 
     ax.set_ylim(-0.1, 3.0)
     ax.set_xlabel("h = [log π(c) − log π_ref(c)] − [log π(r) − log π_ref(r)]")
     ax.set_ylabel("loss")
-    ax.set_title(f"DPO losses at β = {beta:g} (IPO's minimum sits at h = 1/(2β) = {1 / (2 * beta):g})")
+    ax.set_title(f"DPO losses at β = {beta:g} "
+                 f"(IPO's minimum sits at h = 1/(2β) = {1 / (2 * beta):g})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -233,6 +234,7 @@ def plot_paired_changes(changes: dict[str, dict], base: str, accuracy_floor: flo
             ax.axhline(accuracy_floor, color="grey", linestyle=":",
                        label=f"allowed loss ({accuracy_floor:+.2f})")
             ax.legend(fontsize=8)
-        ax.set(ylabel=f"change in {label}", title=f"{label.capitalize()}: change from {base} (± 2 se)")
+        ax.set(ylabel=f"change in {label}",
+               title=f"{label.capitalize()}: change from {base} (± 2 se)")
     fig.tight_layout()
     return fig

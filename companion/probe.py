@@ -25,7 +25,8 @@ from companion.llava import merge_patches
 
 PROBE_ATTRIBUTES = ("object", "shape", "color", "size")
 IGNORE = -100  # label of an attribute a cell does not have (no object there)
-MAX_PROBE_WEIGHTS = 100_000_000  # first-layer weights of a CellProbe (LLaVA-1.5: 67 M); beyond, refuse
+# first-layer weights of a CellProbe (LLaVA-1.5: 67 M); beyond, refuse
+MAX_PROBE_WEIGHTS = 100_000_000
 
 
 def _classes() -> dict[str, tuple]:

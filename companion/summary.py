@@ -201,9 +201,10 @@ def gpu_commands(book, profile: str = "gpu") -> list[dict]:
                       if name.endswith("_json") or name == "image_folder"]
         flags = " ".join(f"-p {k} {v!r}" if isinstance(v, str) else f"-p {k} {v}"
                          for k, v in params.items())
+        notebook = Path(chapter.notebook).resolve().relative_to(Path(book.path).resolve().parent)
         out.append({"chapter": chapter.id, "title": chapter.title,
                     "book": f"python -m companion book run {chapter.id} --profile {profile}",
-                    "papermill": (f"papermill {Path(chapter.notebook).resolve().relative_to(Path(book.path).resolve().parent)} "
+                    "papermill": (f"papermill {notebook} "
                                   f"build/{profile}/notebooks/{chapter.notebook.name} "
                                   f"--cwd notebooks -p output_dir ../build/{profile} "
                                   f"{flags}").strip(),

@@ -43,7 +43,8 @@ _CONTENT = (
     "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
 )
 _UNKNOWN_ROLE = (
-    "{{ raise_exception('unknown role ' + message['role'] + '; expected user, assistant or system') }}"
+    "{{ raise_exception('unknown role ' + message['role'] + "
+    "'; expected user, assistant or system') }}"
 )
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -71,7 +72,9 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 LLAVA_V1_TEMPLATE = (
     "{%- for message in messages -%}"
     + _CONTENT +
-    "{%- if loop.first and message['role'] != 'system' -%}{{ \"" + LLAVA_V1_SYSTEM + " \" }}{%- endif -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}{{ \""
+    + LLAVA_V1_SYSTEM +
+    " \" }}{%- endif -%}"
     "{%- if message['role'] == 'system' -%}{{ content + ' ' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'USER: ' + content + ' ' }}"
     "{%- elif message['role'] == 'assistant' -%}"

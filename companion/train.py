@@ -314,7 +314,8 @@ def train(
     ``next_batch(index)`` returns micro-batch ``index = step · accumulation + micro``
     (deterministic data order); ``after_step(step)`` runs after each optimiser step (e.g.
     ``ClipLoss.clamp_``). Raises ``FloatingPointError`` at the first non-finite loss, naming
-    the step. ``checkpoint`` writes mid-run checkpoints and resumes from one (:class:`Checkpointing`).
+    the step. ``checkpoint`` writes mid-run checkpoints and resumes from one
+    (:class:`Checkpointing`).
 
     Under ``torchrun`` (a process group of W > 1 ranks) the model's trainable parameters
     are wrapped in ``DistributedDataParallel`` (frozen ones get no gradient buckets); every
@@ -400,8 +401,10 @@ def train(
         if config.log_every and ((step + 1) % config.log_every == 0 or last):
             window = history.steps[-config.log_every:]
             mean = sum(r["loss"] for r in window) / len(window)
-            print_fn(f"step {step + 1:>5}/{config.steps}  loss {mean:.4f}  lr {config.lr * factor:.2e}")
-        if eval_fn is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            print_fn(f"step {step + 1:>5}/{config.steps}  loss {mean:.4f}  "
+                     f"lr {config.lr * factor:.2e}")
+        if eval_fn is not None and (last or (config.eval_every
+                                             and (step + 1) % config.eval_every == 0)):
             model.eval()
             with torch.no_grad():
                 result = dict(eval_fn(step + 1))

@@ -57,7 +57,8 @@ def build_lm(tokenizer=None, checkpoint: str | None = None, sizes: TinyLMConfig 
         raise ValueError("build_lm needs a tokenizer when no checkpoint is given")
     sizes = sizes or TinyLMConfig()
     if sizes.hidden_size % sizes.heads:
-        raise ValueError(f"hidden_size={sizes.hidden_size} must be a multiple of heads={sizes.heads}")
+        raise ValueError(f"hidden_size={sizes.hidden_size} must be a multiple of "
+                         f"heads={sizes.heads}")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=sizes.hidden_size,
         intermediate_size=sizes.intermediate_size, num_hidden_layers=sizes.layers,
@@ -113,7 +114,8 @@ def image_token_id(tokenizer) -> int:
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; add it with "
-                         f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE_TOKEN}']}})"
+                         "tokenizer.add_special_tokens({'additional_special_tokens': "
+                         f"['{IMAGE_TOKEN}']}})"
                          " and resize the LM's embeddings")
     return int(token_id)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them all: unit tests (two workers), then the notebooks
+# Install what the tests need, lint the code with ruff (pyproject.toml's [tool.ruff]; a finding
+# fails the script) and run the tests: unit tests (two workers), then the notebooks
 # under nbval against their committed outputs and every chapter through papermill (smoke
 # profile), one at a time: kernels started side by side under xdist were seen to hang;
 # after them, in the same session, the metrics the nbval run wrote against the reference
@@ -10,6 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/bootstrap.sh test
 export PYTHONHASHSEED=0
+python -m ruff check companion tests benchmarks conftest.py
 # pytest exits 5 when a -k filter leaves a step with nothing to run: that step passes
 run() { python -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] || exit "$rc"; }; }
 run -n 2 --dist loadfile -m "not notebook and not browser" tests "$@"

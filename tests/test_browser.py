@@ -117,7 +117,8 @@ def test_the_check_fails_on_a_missing_page_and_a_broken_figure(driver, site, tmp
     page.write_text(corrupted, encoding="utf-8")
     problems = check_site(driver, broken / "index.html", book)
     assert any(p.startswith(f"{missing.id}: page") for p in problems), problems
-    assert any(p.startswith(f"{damaged.id}:") and "figures rendered" in p for p in problems), problems
+    assert any(p.startswith(f"{damaged.id}:") and "figures rendered" in p
+               for p in problems), problems
 
 
 # ----------------------------------------------------------------------------- JupyterLab

@@ -55,7 +55,8 @@ def test_zero_shot_mean_and_max():
     prompts = torch.tensor([[[1.0, 0.0], [-1.0, 0.2]],    # class 0: one good prompt, one bad
                             [[0.6, 0.8], [0.6, 0.8]]])     # class 1
     assert zero_shot_classify(images, prompts, "max").tolist() == [0, 1]
-    assert zero_shot_classify(images, prompts, "mean").tolist() == [1, 0]  # bad prompt blurs class 0
+    # bad prompt blurs class 0
+    assert zero_shot_classify(images, prompts, "mean").tolist() == [1, 0]
     with pytest.raises(ValueError, match="reduction='median'"):
         zero_shot_classify(images, prompts, "median")
 
@@ -153,11 +154,13 @@ def test_clip_loads_from_a_local_checkpoint(tokenizer, tmp_path, data):
     loaded, loaded_processor, loaded_tokenizer = build_clip(checkpoint=str(tmp_path / "clip"))
     pixels = data.pixel_values[:3]
     with torch.no_grad():
-        torch.testing.assert_close(image_embeddings(model, pixels), image_embeddings(loaded, pixels))
+        torch.testing.assert_close(image_embeddings(model, pixels),
+                                   image_embeddings(loaded, pixels))
     from companion.world import render_scene
     image = render_scene(make_scenes(1, seed=0)[0], 32)
-    torch.testing.assert_close(processor(images=[image], return_tensors="pt")["pixel_values"],
-                               loaded_processor(images=[image], return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        processor(images=[image], return_tensors="pt")["pixel_values"],
+        loaded_processor(images=[image], return_tensors="pt")["pixel_values"])
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(ValueError, match="needs a tokenizer"):
         build_clip()

@@ -73,7 +73,9 @@ def _writes_under(folder: Path) -> list:
     under ``folder``: Python's audit events, plus ``torch.save`` (its C++ writer opens the
     file itself)."""
     written = []
-    inside = lambda path: str(path).startswith(str(folder))
+
+    def inside(path):
+        return str(path).startswith(str(folder))
 
     def hook(event, args):
         if event == "open" and isinstance(args[0], (str, Path)) and inside(args[0]):
@@ -164,7 +166,10 @@ def runs(tmp_path_factory):
     _launch("killed", resumed, expect_exit=17)
     killed_checkpoint = torch.load(resumed / "run" / "ckpt.pt", weights_only=False)["step"]
     _launch("resume", resumed)
-    load = lambda path: torch.load(path, weights_only=False)
+
+    def load(path):
+        return torch.load(path, weights_only=False)
+
     return {"single": single, "full": [load(full / f"full{r}.pt") for r in range(WORLD)],
             "resume": [load(resumed / f"resume{r}.pt") for r in range(WORLD)],
             "killed_checkpoint": killed_checkpoint}

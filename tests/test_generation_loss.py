@@ -45,7 +45,8 @@ def test_labels_are_minus_100_exactly_off_the_caption(setup):
 def test_loss_is_shifted_exactly_once(setup):
     model, processor, tokenizer = setup
     scenes = make_scenes(2, seed=1)
-    images = processor(images=[render_scene(s, 16) for s in scenes], return_tensors="pt")["pixel_values"]
+    images = processor(images=[render_scene(s, 16) for s in scenes],
+                       return_tensors="pt")["pixel_values"]
     texts = caption_inputs(tokenizer, [scene_captions(s)[0] for s in scenes], N_IMAGE,
                            image_token_id(tokenizer))
     loss = generation_loss(model, images, texts)
@@ -64,7 +65,8 @@ def test_loss_is_shifted_exactly_once(setup):
 def test_a_few_steps_lower_the_loss_and_decoding_works(setup):
     model, processor, tokenizer = setup
     scenes = make_scenes(4, seed=3)
-    images = processor(images=[render_scene(s, 16) for s in scenes], return_tensors="pt")["pixel_values"]
+    images = processor(images=[render_scene(s, 16) for s in scenes],
+                       return_tensors="pt")["pixel_values"]
     texts = caption_inputs(tokenizer, [scene_captions(s)[0] for s in scenes], N_IMAGE,
                            image_token_id(tokenizer))
     before = generation_loss(model, images, texts).item()

@@ -145,7 +145,8 @@ def test_collator_pads_masks_and_skips(tokenizer, vlm):
 def test_instruction_step_loss_is_the_assistant_only_cross_entropy(tokenizer, vlm):
     model, processor = vlm
     scene = make_scenes(1, seed=4)[0]
-    collate = LlavaCollator(tokenizer, processor, N_IMAGE, load_image=lambda r: render_scene(scene, 16))
+    collate = LlavaCollator(tokenizer, processor, N_IMAGE,
+                            load_image=lambda r: render_scene(scene, 16))
     batch = collate([{"id": "a", "conversations": MULTI}])
     loss = instruction_tuning_step(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -218,7 +219,8 @@ def test_batched_generation_matches_one_by_one(tokenizer, vlm):
     """Left padding must not change greedy answers."""
     model, processor = vlm
     scenes = make_scenes(3, seed=11)
-    pixels = processor(images=[render_scene(s, 16) for s in scenes], return_tensors="pt")["pixel_values"]
+    pixels = processor(images=[render_scene(s, 16) for s in scenes],
+                       return_tensors="pt")["pixel_values"]
     conversations = [SINGLE[:1], MULTI[:3], [{"from": "human", "value": "<image>\nDescribe."}]]
     together = generate_replies(model, tokenizer, conversations, pixels, max_new_tokens=6)
     alone = [generate_replies(model, tokenizer, [c], pixels[i:i + 1], max_new_tokens=6)[0]
@@ -248,7 +250,8 @@ def test_a_text_only_lm_is_scored_on_the_scene_in_words(tokenizer, vlm):
     scenes = make_scenes(2, seed=12)
     by_id = {s.scene_id: s for s in scenes}
     records = make_instruction_dataset(scenes, tasks=["counting", "multi_turn"], seed=0)
-    text = [{**r, "conversations": c} for r, c in zip(records, text_only_conversations(records, by_id))]
+    text = [{**r, "conversations": c}
+            for r, c in zip(records, text_only_conversations(records, by_id))]
     scores = evaluate_tasks(lm, tokenizer, text, by_id, None, max_new_tokens=4)
     assert len(scores.answers) == sum(len(r["checks"]) for r in records)
     conversation = text[0]["conversations"][:1]
@@ -356,8 +359,9 @@ def test_instruction_tuned_vlm_is_cached_and_equals_a_published_run(tmp_path):
 
 
 def test_recipe_options_build_their_data_and_the_vision_cache_trains_the_same_model(tmp_path):
-    """The options of InstructionRecipe: each enters the cache key; evidence-first, joined conversations and the careless annotator reach stage 2's data;
-    training from cached tower features gives the model that training from pixels gives."""
+    """The options of InstructionRecipe: each enters the cache key; evidence-first, joined
+    conversations and the careless annotator reach stage 2's data; training from cached tower
+    features gives the model that training from pixels gives."""
     from companion.instruction import InstructionRecipe, instruction_records, instruction_tune, \
         stage_records
 

@@ -280,7 +280,7 @@ def test_save_validates_before_writing(folder):
     assert not path.exists()
 
 
-# ----------------------------------------------------------------------------- files as users have them
+# ------------------------------------------------------------------------- files as users have them
 
 def write_lines(folder, records, name="data.jsonl", bom=False):
     path = folder / name

@@ -21,7 +21,8 @@ def tokenizer():
 
 
 def test_reply_labels_keep_exactly_the_assistant_replies_and_their_end_of_turn(tokenizer):
-    turns = [{"from": "human", "value": "Scene: a small red circle at the top.\nCount the circles."},
+    turns = [{"from": "human",
+              "value": "Scene: a small red circle at the top.\nCount the circles."},
              {"from": "gpt", "value": "There is one circle."},
              {"from": "human", "value": "What colour is the circle?"},
              {"from": "gpt", "value": "The circle is red."}]

@@ -95,7 +95,8 @@ def _first_checked_number(nb):
         if "nbval-ignore-output" in tags or "nbval-skip" in tags or "trained-figures" in tags:
             continue
         for oi, out in enumerate(cell.outputs):
-            if out.output_type == "stream" and out.name == "stdout" and re.search(r"\d\.\d", out.text):
+            if (out.output_type == "stream" and out.name == "stdout"
+                    and re.search(r"\d\.\d", out.text)):
                 return ci, oi
     raise AssertionError("no checked output with a decimal number to corrupt")
 
@@ -121,12 +122,14 @@ def test_nbval_catches_a_corrupted_output_and_reads_trained_figures_by_their_tex
     proc = _nbval(target, tmp_path)
     assert proc.returncode != 0, "nbval passed on a corrupted output"
     assert "1 failed" in proc.stdout, proc.stdout[-3000:]
-    assert corrupted.strip().splitlines()[0][:20] in proc.stdout or "mismatch" in proc.stdout.lower()
+    assert (corrupted.strip().splitlines()[0][:20] in proc.stdout
+            or "mismatch" in proc.stdout.lower())
 
     nb.cells[ci].metadata.setdefault("tags", []).append("trained-figures")
     nbformat.write(nb, target)
     proc = _nbval(target, tmp_path)
-    assert proc.returncode == 0, "a changed number failed a trained-figures cell:\n" + proc.stdout[-3000:]
+    assert proc.returncode == 0, (
+        "a changed number failed a trained-figures cell:\n" + proc.stdout[-3000:])
 
     word = re.search(r"[A-Za-z]{4,}", corrupted)
     nb.cells[ci].outputs[oi].text = corrupted[:word.start()] + "XXXX" + corrupted[word.end():]
@@ -140,8 +143,8 @@ def _sanitize(text: str) -> str:
     from nbval.plugin import get_sanitize_patterns
 
     patterns = get_sanitize_patterns((ROOT / "tests" / "nbval_sanitize.cfg").read_text())
-    for regex, replace in patterns:
-        text = re.sub(regex, replace, text)
+    for regex, replacement in patterns:
+        text = re.sub(regex, replacement, text)
     return text
 
 

@@ -1,4 +1,5 @@
-"""The install surface: environment.yml mirrors pyproject.toml; the CI script runs the README's test command."""
+"""The install surface: environment.yml mirrors pyproject.toml; the CI script runs the
+README's test command."""
 
 import re
 import tomllib

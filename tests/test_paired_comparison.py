@@ -53,7 +53,8 @@ def test_paired_difference_against_a_hand_computation():
     with pytest.raises(ValueError, match="key"):
         paired_difference(control, arm, "score")
     with pytest.raises(ValueError, match="same held-out"):
-        paired_difference(control, TaskScores([{**a, "id": "other" + a["id"]} for a in arm.answers]))
+        paired_difference(control,
+                          TaskScores([{**a, "id": "other" + a["id"]} for a in arm.answers]))
 
 
 def test_paired_difference_keeps_one_task_type():

@@ -29,7 +29,8 @@ def _lm_weights(folder):
 
 def test_stage_table_matches_llava_15_and_validates():
     stage1, stage2 = (next(s for s in LLAVA15_STAGES if s.name == n) for n in ("stage1", "stage2"))
-    assert (stage1.lr, stage1.batch_size, stage1.epochs, stage1.trains) == (1e-3, 256, 1, ("projector",))
+    assert (stage1.lr, stage1.batch_size, stage1.epochs, stage1.trains) == (
+        1e-3, 256, 1, ("projector",))
     assert (stage2.lr, stage2.batch_size, stage2.epochs) == (2e-5, 128, 1)
     assert stage2.trains == ("projector", "lm") and stage2.warmup_fraction == 0.03
     assert [row["stage"] for row in stage_summary(PipelineConfig())] == [

@@ -371,7 +371,8 @@ def test_rollout_layout_and_kl_zero_against_itself(world):
     logps, values = reply_logps_values(policy, batch)
     ref = reference_reply_logps(policy.vlm, batch)
     assert torch.allclose(logps, ref, atol=1e-5)
-    assert values.shape == logps.shape and float(values.detach().abs().max()) == 0.0  # zero-init head
+    # zero-init head
+    assert values.shape == logps.shape and float(values.detach().abs().max()) == 0.0
 
 
 def test_forward_scores_replies_as_generate_sampled_them(world):
@@ -384,8 +385,9 @@ def test_forward_scores_replies_as_generate_sampled_them(world):
                     max_new_tokens=4, seed=1)
     logps, _ = reply_logps_values(policy, batch)
     for i, row in enumerate(rows):  # score each row alone, unpadded
-        prompt, _ = generate_tokens(vlm, world["tokenizer"], [[{"from": "human", "value": texts[row]}]],
-                          world["pixels"][[row]], max_new_tokens=1)
+        prompt, _ = generate_tokens(vlm, world["tokenizer"],
+                                    [[{"from": "human", "value": texts[row]}]],
+                                    world["pixels"][[row]], max_new_tokens=1)
         reply = batch.input_ids[i, batch.prompt_length:][batch.reply_mask[i]]
         ids = torch.tensor([prompt[0] + reply.tolist()])
         logits = vlm(input_ids=ids, pixel_values=world["pixels"][[row]]).logits

@@ -20,7 +20,8 @@ def test_missing_chapters_show_a_dash_and_the_command(tmp_path):
 
 def test_values_are_read_from_the_files_and_a_missing_key_is_named(tmp_path):
     (tmp_path / "3.2.json").write_text(json.dumps({"stage2_mean_task_accuracy": 0.4613}))
-    (tmp_path / "3.3.3.json").write_text(json.dumps({"heldout": {"DPO": {"hallucination_rate": 0.3}}}))
+    (tmp_path / "3.3.3.json").write_text(
+        json.dumps({"heldout": {"DPO": {"hallucination_rate": 0.3}}}))
     rows = {(r["stage"], r["measure"]): r for r in summary_rows(tmp_path)}
     stage2 = next(r for k, r in rows.items() if k[1] == "mean task accuracy after stage 2"
                   and "3.2" in r["source"])

@@ -50,7 +50,7 @@ def test_assistant_mask_token_by_token(tokenizer):
     # Walk the sequence: every token between "<|assistant|>\n" and its "<|end|>" (inclusive)
     # is 1; everything else (user text, image token, role tokens, newlines) is 0.
     inside, expected = False, []
-    for index, token in enumerate(tokens):
+    for token in tokens:
         if token == ASSISTANT:
             expected.append(0)
             inside = "pending"
@@ -104,7 +104,8 @@ def test_assistant_mask_html_colours_exactly_the_loss_tokens(tokenizer):
     enc = encode_chat(tokenizer, CONVERSATION)
     html = assistant_mask_html(tokenizer, enc)
     assert html.count("background:#b7e4b0;margin") == sum(enc["assistant_mask"])
-    assert html.count("background:#e6e6e6;margin") == len(enc["input_ids"]) - sum(enc["assistant_mask"])
+    assert (html.count("background:#e6e6e6;margin")
+            == len(enc["input_ids"]) - sum(enc["assistant_mask"]))
 
 
 # ----------------------------------------------------------------- checkpoints' own tokenizers

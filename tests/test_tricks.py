@@ -107,7 +107,8 @@ def test_stage_records_apply_the_rows_data_recipe():
     _, mixed = stage_records(config, config.with_stage("stage2", tasks=("counting", "ocr"))
                              .stage("stage2"))
     assert {r["task"] for r in mixed} == {"counting", "ocr"}
-    _, small = stage_records(config, config.with_stage("stage2", scene_fraction=0.25).stage("stage2"))
+    _, small = stage_records(config,
+                             config.with_stage("stage2", scene_fraction=0.25).stage("stage2"))
     assert len({r["scene_id"] for r in small}) == 5
     _, noisy = stage_records(config, config.with_stage("stage2", image_noise=0.5).stage("stage2"))
     assert sum(bool(r.get("noisy")) for r in noisy) == round(0.5 * len(full))

@@ -44,7 +44,8 @@ def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, imag
     for index, caption in enumerate(captions):
         text = tokenizer(caption, add_special_tokens=False)["input_ids"]
         if not text:
-            raise ValueError(f"caption {index} ({caption!r}) encodes to no tokens: nothing to learn")
+            raise ValueError(f"caption {index} ({caption!r}) encodes to no tokens: "
+                             "nothing to learn")
         ids = [image_id] * n_image_tokens + start + text + [tokenizer.eos_token_id]
         if len(ids) > max_length:
             raise ValueError(f"caption {index} needs {len(ids)} tokens with the {n_image_tokens} "
@@ -66,7 +67,8 @@ def generation_loss(model, images: torch.Tensor, texts: dict[str, torch.Tensor])
     """
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in texts:
-            raise KeyError(f"generation_loss: texts[{key!r}] is missing; build it with caption_inputs")
+            raise KeyError(f"generation_loss: texts[{key!r}] is missing; "
+                           "build it with caption_inputs")
     if images.shape[0] != texts["input_ids"].shape[0]:
         raise ValueError(f"generation_loss: {images.shape[0]} images but "
                          f"{texts['input_ids'].shape[0]} captions")
