@@ -32,12 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from companion.losses.contrastive import (
-    _as_scalar,
-    _check_features,
-    _check_positive_scalar,
-    info_nce_loss,
-)
+from companion.losses.checks import as_scalar, check_features, check_positive_scalar
+from companion.losses.contrastive import info_nce_loss
 
 __all__ = ["distributed_info_nce_loss", "gather_with_grad", "is_distributed", "rank_and_world"]
 
@@ -128,8 +124,8 @@ def distributed_info_nce_loss(
     """
     if not is_distributed():
         return info_nce_loss(image_features, text_features, temperature, normalize=normalize)
-    _check_features(image_features, text_features)
-    _check_positive_scalar(temperature, "temperature")
+    check_features(image_features, text_features)
+    check_positive_scalar(temperature, "temperature")
     x, y = image_features, text_features
     if normalize:
         x = F.normalize(x, dim=1)  # [b, D]
@@ -138,7 +134,7 @@ def distributed_info_nce_loss(
     all_y = gather_with_grad(y)  # [N, D]
     b, rank = x.shape[0], dist.get_rank()
     labels = torch.arange(b, device=x.device) + b * rank  # [b], positions of the positives
-    temperature = _as_scalar(temperature)
+    temperature = as_scalar(temperature)
     logits_image = x @ all_y.T / temperature  # [b, N], local images vs all texts
     logits_text = y @ all_x.T / temperature  # [b, N], local texts vs all images
     return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2

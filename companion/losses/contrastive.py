@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from companion.losses.checks import (as_scalar, check_features, check_finite_scalar,
+                                     check_positive_scalar)
+
 __all__ = [
     "ClipLoss",
     "SiglipLoss",
@@ -37,92 +40,6 @@ __all__ = [
     "multi_positive_targets",
     "siglip_loss",
 ]
-
-
-# ---------------------------------------------------------------------------------------
-# argument checks (shared with companion.losses.tiled and companion.distributed)
-# ---------------------------------------------------------------------------------------
-
-
-def _check_features(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    names: tuple[str, str] = ("image_features", "text_features"),
-) -> None:
-    """Raise a clear error unless both are finite floating [N, D] tensors of equal shape."""
-    for name, x in zip(names, (image_features, text_features)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"{name} must be a torch.Tensor of shape [N, D], got {type(x).__name__}"
-            )
-        if x.ndim != 2:
-            raise ValueError(
-                f"{name} must be 2-D [N, D] (one feature row per example), got shape "
-                f"{tuple(x.shape)}; flatten or pool the features first"
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{name} must have a floating dtype, got {x.dtype}; call .float() on it"
-            )
-    (n_img, d_img), (n_txt, d_txt) = image_features.shape, text_features.shape
-    if n_img != n_txt:
-        raise ValueError(
-            f"{names[0]} has N={n_img} rows but {names[1]} has N={n_txt}; the losses pair "
-            "row i of one with row i of the other, so pass equally long batches"
-        )
-    if d_img != d_txt:
-        raise ValueError(
-            f"{names[0]} has D={d_img} but {names[1]} has D={d_txt}; project both into the "
-            "same embedding dimension before the loss"
-        )
-    if image_features.device != text_features.device:
-        raise ValueError(
-            f"{names[0]} is on {image_features.device} but {names[1]} is on "
-            f"{text_features.device}; move both to the same device"
-        )
-    if n_img == 0:
-        raise ValueError(
-            f"empty batch: {names[0]} has shape {tuple(image_features.shape)}; N must be >= 1"
-        )
-    for name, x in zip(names, (image_features, text_features)):
-        finite_rows = torch.isfinite(x).all(dim=1)  # [N]
-        if not bool(finite_rows.all()):
-            k = int((~finite_rows).nonzero()[0, 0])
-            raise ValueError(
-                f"{name} contains NaN/inf at row {k}; check the encoder outputs (fp16 overflow?)"
-            )
-
-
-def _scalar_value(value, name: str) -> float:
-    """``value`` (a Python float or a 1-element tensor) as a float; TypeError otherwise."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar (0-d tensor), got shape {tuple(value.shape)}"
-            )
-        return float(value.detach())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-
-
-def _check_positive_scalar(value, name: str) -> None:
-    """Raise unless ``value`` is a finite number > 0 (a Python float or a 1-element tensor)."""
-    number = _scalar_value(value, name)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {number}")
-
-
-def _check_finite_scalar(value, name: str) -> None:
-    """Raise unless ``value`` is a finite number (a Python float or a 1-element tensor)."""
-    number = _scalar_value(value, name)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-
-
-def _as_scalar(value) -> torch.Tensor | float:
-    """A 1-element tensor as a 0-d tensor (keeps autograd); Python numbers unchanged."""
-    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _check_positive_ids(positive_ids, n: int) -> torch.Tensor:
@@ -167,9 +84,9 @@ def contrastive_logits(
     Returns:
         [N, N] logits; row i scores image i against every caption.
     """
-    _check_features(image_features, text_features)
-    _check_positive_scalar(temperature, "temperature")
-    return _logits(image_features, text_features, _as_scalar(temperature), normalize)
+    check_features(image_features, text_features)
+    check_positive_scalar(temperature, "temperature")
+    return _logits(image_features, text_features, as_scalar(temperature), normalize)
 
 
 def _logits(x: torch.Tensor, y: torch.Tensor, temperature, normalize: bool) -> torch.Tensor:
@@ -218,10 +135,10 @@ def info_nce_loss(
     Returns:
         The scalar loss (mean over the 2N classification problems).
     """
-    _check_features(image_features, text_features)
-    _check_positive_scalar(temperature, "temperature")
+    check_features(image_features, text_features)
+    check_positive_scalar(temperature, "temperature")
     n = image_features.shape[0]
-    logits = _logits(image_features, text_features, _as_scalar(temperature), normalize)  # [N, N]
+    logits = _logits(image_features, text_features, as_scalar(temperature), normalize)  # [N, N]
     if positive_ids is None:
         labels = torch.arange(n, device=logits.device)  # [N], the diagonal
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -244,8 +161,8 @@ class ClipLoss(nn.Module):
     def __init__(self, temperature: float = 0.07, max_scale: float = 100.0, normalize: bool = True):
         super().__init__()
         self.normalize = normalize
-        _check_positive_scalar(temperature, "temperature")
-        _check_positive_scalar(max_scale, "max_scale")
+        check_positive_scalar(temperature, "temperature")
+        check_positive_scalar(max_scale, "max_scale")
         if max_scale < 1:
             raise ValueError(
                 f"max_scale must be >= 1 (scale range [1, max_scale]), got {max_scale}"
@@ -283,6 +200,8 @@ class ClipLoss(nn.Module):
         """
         if torch.distributed.is_available() and torch.distributed.is_initialized() and (
                 torch.distributed.get_world_size() > 1):
+            # companion.distributed builds on this module's info_nce_loss: the one import
+            # that points back, taken only under torchrun
             from companion.distributed import distributed_info_nce_loss
 
             if positive_ids is not None:
@@ -332,15 +251,15 @@ def siglip_loss(
     Returns:
         The scalar loss (sum over the N² cells divided by N, as in the paper).
     """
-    _check_features(image_features, text_features)
-    _check_positive_scalar(logit_scale, "logit_scale")
-    _check_finite_scalar(logit_bias, "logit_bias")
+    check_features(image_features, text_features)
+    check_positive_scalar(logit_scale, "logit_scale")
+    check_finite_scalar(logit_bias, "logit_bias")
     x, y = image_features, text_features
     if normalize:
         x = F.normalize(x, dim=1)  # [N, D]
         y = F.normalize(y, dim=1)  # [N, D]
     n = x.shape[0]
-    logits = _as_scalar(logit_scale) * (x @ y.T) + _as_scalar(logit_bias)  # [N, N]
+    logits = as_scalar(logit_scale) * (x @ y.T) + as_scalar(logit_bias)  # [N, N]
     signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1  # [N, N], z_ij
     return -F.logsigmoid(signs * logits).sum() / n
 
@@ -350,8 +269,8 @@ class SiglipLoss(nn.Module):
 
     def __init__(self, scale: float = 10.0, bias: float = -10.0):
         super().__init__()
-        _check_positive_scalar(scale, "scale")
-        _check_finite_scalar(bias, "bias")
+        check_positive_scalar(scale, "scale")
+        check_finite_scalar(bias, "bias")
         self.logit_scale = nn.Parameter(torch.tensor(math.log(scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
 

@@ -55,7 +55,7 @@ import numbers
 
 import torch
 
-from companion.losses.contrastive import _scalar_value
+from companion.losses.checks import scalar_value
 
 __all__ = [
     "KL_KINDS",
@@ -146,7 +146,7 @@ def _check_right_padded(mask: torch.Tensor, name: str = "mask") -> None:
 
 def _check_range(value, name: str, low: float, high: float | None = None) -> float:
     """``value`` as a float, or raise unless it is finite and in ``[low, high]``."""
-    number = _scalar_value(value, name)
+    number = scalar_value(value, name)
     if not math.isfinite(number) or number < low or (high is not None and number > high):
         bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
         raise ValueError(f"{name} must be finite and {bounds}, got {number}")
@@ -154,7 +154,7 @@ def _check_range(value, name: str, low: float, high: float | None = None) -> flo
 
 
 def _check_positive(value, name: str) -> float:
-    number = _scalar_value(value, name)
+    number = scalar_value(value, name)
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be finite and > 0, got {number}")
     return number
@@ -444,7 +444,7 @@ class AdaptiveKLController:
         Returns the new β. ``n_steps`` must stay below ``5·horizon``: beyond that one update
         at the −20 % clip would make β negative.
         """
-        kl = _scalar_value(current_kl, "current_kl")
+        kl = scalar_value(current_kl, "current_kl")
         if not math.isfinite(kl):
             raise ValueError(
                 f"current_kl must be finite, got {kl}; a NaN KL would make β NaN for good"

@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from companion.losses.contrastive import _check_positive_scalar, _scalar_value
+from companion.losses.checks import check_positive_scalar, scalar_value
 from companion.losses.generation import IGNORE_INDEX
 
 __all__ = [
@@ -112,8 +112,8 @@ def _check_vectors(
 
 
 def _check_beta(beta) -> float:
-    _check_positive_scalar(beta, "beta")
-    return _scalar_value(beta, "beta")
+    check_positive_scalar(beta, "beta")
+    return scalar_value(beta, "beta")
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,11 +173,11 @@ def bradley_terry_loss(
             raise ValueError("margin contains NaN/inf; use finite margins (0 = no margin)")
         margin = margin.to(chosen.device)
     else:
-        value = _scalar_value(margin, "margin")
+        value = scalar_value(margin, "margin")
         if not math.isfinite(value):
             raise ValueError(f"margin must be finite, got {value}")
         margin = value
-    coefficient = _scalar_value(center_coefficient, "center_coefficient")
+    coefficient = scalar_value(center_coefficient, "center_coefficient")
     if not (math.isfinite(coefficient) and coefficient >= 0):
         raise ValueError(
             f"center_coefficient must be finite and >= 0 (0 turns centring off), got {coefficient}"
@@ -231,7 +231,7 @@ def dpo_loss(
         raise ValueError(
             f"unknown loss_type {loss_type!r}; valid ones are {', '.join(DPO_LOSS_TYPES)}"
         )
-    eps = _scalar_value(label_smoothing, "label_smoothing")
+    eps = scalar_value(label_smoothing, "label_smoothing")
     if not (math.isfinite(eps) and 0.0 <= eps < 0.5):
         raise ValueError(
             f"label_smoothing must be in [0, 0.5) (the share of flipped labels), got {eps}"

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from companion.losses.contrastive import _as_scalar, _check_features, _check_positive_scalar
+from companion.losses.checks import as_scalar, check_features, check_positive_scalar
 
 __all__ = ["DEFAULT_TILE_SIZE", "tiled_info_nce_loss"]
 
@@ -76,15 +76,15 @@ def tiled_info_nce_loss(
     Returns:
         The scalar loss, in float32 for half-precision inputs, else in the input dtype.
     """
-    _check_features(image_features, text_features)
-    _check_positive_scalar(temperature, "temperature")
+    check_features(image_features, text_features)
+    check_positive_scalar(temperature, "temperature")
     if isinstance(tile_size, bool) or not isinstance(tile_size, int):
         raise TypeError(f"tile_size must be an int, got {type(tile_size).__name__}")
     if tile_size < 1:
         raise ValueError(f"tile_size must be >= 1 (rows per strip), got {tile_size}")
     x, y = image_features, text_features
     dtype = _compute_dtype(x.dtype, y.dtype)
-    temperature = _as_scalar(temperature)
+    temperature = as_scalar(temperature)
     if isinstance(temperature, torch.Tensor):
         scale = 1.0 / temperature.to(device=x.device, dtype=dtype)  # 0-d, keeps autograd
     else:
