@@ -31,11 +31,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from companion.instruction import evaluate_tasks  # noqa: E402
+from companion.answers import evaluate_tasks  # noqa: E402
 from companion.runtime import setup  # noqa: E402
 from companion.tokenizer import world_tokenizer  # noqa: E402
-from companion.vlm import (LMRecipe, TinyLMConfig, lm_training_examples,  # noqa: E402
-                           pretrain_lm, told_in_words)
+from companion.lm import (LMRecipe, TinyLMConfig, lm_training_examples,  # noqa: E402
+                          pretrain_lm, told_in_words)
 from companion.world import make_scenes  # noqa: E402
 
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                          for split in ("train", "heldout")}
     if any(o.get("facts_boxes") for o in options):  # the facts with every object's box
         import companion.rlhf as rlhf_module
-        from companion.vlm import scene_as_text
+        from companion.lm import scene_as_text
 
         plain_facts = rlhf_module.scene_facts  # swapped for this encoding only
         rlhf_module.scene_facts = lambda scenes, ids: [scene_as_text(scenes[i], boxes=True)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from companion.clip import build_caption_data, evaluate_retrieval, pixel_values_for, \
     pretrained_clip  # noqa: E402
-from companion.instruction import InstructionRecipe, evaluate_tasks, generate_replies, \
-    instruction_tune  # noqa: E402
+from companion.answers import evaluate_tasks, generate_replies  # noqa: E402
+from companion.instruction import InstructionRecipe, instruction_tune  # noqa: E402
 from companion.probe import cell_labels, description_cell_accuracy, probe_accuracy, \
     train_probe, vision_tokens  # noqa: E402
 from companion.runtime import setup  # noqa: E402

@@ -44,13 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from companion.instruction import (encode_records, grouped_rows,  # noqa: E402
-                                   instruction_tuning_step, pad_examples)
+from companion.batching import grouped_rows, pad_examples  # noqa: E402
+from companion.instruction import encode_records, instruction_tuning_step  # noqa: E402
 from companion.models import TinyClipConfig, build_clip  # noqa: E402
 from companion.stages import apply_stage  # noqa: E402
 from companion.tokenizer import encode_chat, world_tokenizer  # noqa: E402
-from companion.vlm import (LMRecipe, TinyLMConfig, build_lm, build_vlm,  # noqa: E402
-                           image_seq_length, lm_corpus, lm_training_examples)
+from companion.llava import image_seq_length  # noqa: E402
+from companion.lm import (LMRecipe, TinyLMConfig, build_lm, lm_corpus,  # noqa: E402
+                          lm_training_examples)
+from companion.vlm import build_vlm  # noqa: E402
 from companion.world import make_instruction_dataset, make_scenes, render_scene  # noqa: E402
 
 

@@ -70,9 +70,15 @@ _EXPORTS = {
     "generation_loss": "companion.losses.generation",
     "caption_inputs": "companion.losses.generation",
     "generate_captions": "companion.losses.generation",
-    # instruction tuning (companion/vlm.py, companion/instruction.py, companion/stages.py)
+    # the LM, the VLM, instruction tuning and answering (companion/lm.py, vlm.py, llava.py,
+    # instruction.py, answers.py, stages.py)
     "build_vlm": "companion.vlm",
-    "build_lm": "companion.vlm",
+    "build_lm": "companion.lm",
+    "LMRecipe": "companion.lm",
+    "pretrained_lm": "companion.lm",
+    "generate_replies": "companion.answers",
+    "evaluate_tasks": "companion.answers",
+    "TaskScores": "companion.answers",
     "build_example": "companion.instruction",
     "LlavaCollator": "companion.instruction",
     "instruction_tuning_step": "companion.instruction",

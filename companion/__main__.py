@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
               "  bands make REFERENCE VARIATION ...   re-make tests/reference_metrics.json\n"
               "  bands check RUN_DIR                  a run's metrics against that file")
         return 0 if argv else 2
+    # each command imports only what it needs: `book list` starts without torch
     if argv[0] == "book":
         from companion.book import main_book
 

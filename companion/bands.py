@@ -60,6 +60,7 @@ re-makes the reference file; the README says when and how.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -516,8 +517,6 @@ def _run_folder(name: str) -> Path:
 
 
 def main_bands(argv: list[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m companion bands",
         description="Run the book's variation runs and (re)make the reference file of trained "

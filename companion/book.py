@@ -14,6 +14,7 @@ parameters. A profile may only set parameters that the chapter's notebook declar
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -398,8 +400,8 @@ def render_html(book: Book, profile: str = "default", *, committed: bool = False
     ``committed=True`` renders the notebooks under ``notebooks/`` (executed, outputs
     committed) instead of a profile's run.
     """
+    import nbformat  # the `book` extra, like papermill: imported where it is used
     from nbconvert import HTMLExporter
-    import nbformat
 
     run_dir = book.run_dir("committed" if committed else profile)
     html_dir = run_dir / "html"
@@ -426,8 +428,6 @@ def render_html(book: Book, profile: str = "default", *, committed: bool = False
 
 
 def _index_page(book: Book, entries, profile: str, committed: bool) -> str:
-    from html import escape
-
     items = "\n".join(
         f'    <li><a href="{escape(page)}">{escape(c.id)} {escape(c.title)}</a>'
         f' <span class="seed">seed section {escape(c.seed_section)}</span></li>'
@@ -488,8 +488,6 @@ def parse_command_line(parser, commands: dict, argv: list[str]):
 
 
 def main_book(argv: list[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m companion book",
                                      description="List, run and render the book's chapters.")
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="path to book.toml")

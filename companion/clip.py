@@ -6,13 +6,24 @@ it renders scenes, tokenises captions, samples batches and measures retrieval.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
+from companion.artifacts import cached_artifact
 from companion.evaluate import retrieval_metrics, zero_shot_classify
+from companion.losses.contrastive import ClipLoss
+from companion.models import TinyClipConfig, build_clip, clip_image_size
+from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, world_tokenizer
+from companion.train import TrainConfig, train
+from companion.world import (COLORS, REGIONS, SIZES, Scene, SceneObject, canonical_caption,
+                             make_scenes, render_scene, scene_captions)
 
 
 def _pooled(output) -> torch.Tensor:
@@ -96,8 +107,6 @@ def build_caption_data(scenes, tokenizer, processor, render_size: int = 64,
                        max_length: int = 64,
                        groups_from: dict[str, int] | None = None) -> CaptionData:
     """Render ``scenes`` and tokenise all their caption phrasings."""
-    from companion.world import canonical_caption, render_scene, scene_captions
-
     if not scenes:
         raise ValueError("build_caption_data got no scenes")
     captions = [scene_captions(s) for s in scenes]
@@ -261,8 +270,6 @@ def similarity_matrix(model, batch, temperature: float | None = None) -> torch.T
 def zero_shot_prompts(shape: str) -> list[str]:
     """Prompts for a zero-shot shape class: the canonical caption of a one-object scene with
     that shape, for every colour, size and region (prompt ensembling)."""
-    from companion.world import COLORS, REGIONS, SIZES, Scene, SceneObject, canonical_caption
-
     prompts = []
     for color in COLORS:
         for size in SIZES:
@@ -315,8 +322,6 @@ class ClipRecipe:
 
     def sizes(self):
         """The tiny model's :class:`~companion.models.TinyClipConfig` for this recipe."""
-        from companion.models import TinyClipConfig
-
         return TinyClipConfig(image_size=self.image_size, patch_size=self.patch_size,
                               vision_width=self.vision_width, vision_layers=self.vision_layers)
 
@@ -324,8 +329,6 @@ class ClipRecipe:
         """The recipe as the cache key reads it. The model's sizes enter the key whole
         (``_clip_artifact_config``), so the size fields added later are left out here at
         the values every run had before they existed: those runs keep their keys."""
-        from dataclasses import asdict
-
         values = asdict(self)
         for name, before in (("patch_size", 8), ("vision_width", 64), ("vision_layers", 2)):
             if values[name] == before:  # the value every run had before the field existed
@@ -356,23 +359,14 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
     features gathered from all ranks (``distributed_info_nce_loss``): the loss of one process
     on the whole batch. ``checkpoint``: a :class:`~companion.train.Checkpointing`.
     """
-    import time
-
-    from companion.losses.contrastive import ClipLoss
-    from companion.models import build_clip
-    from companion.train import TrainConfig, train
-    from companion.world import make_scenes
-
     if tokenizer is None and not recipe.checkpoint:
         if cache_dir is None:
             raise ValueError("pretrain_clip needs a tokenizer or a cache_dir to find the world's")
-        from companion.tokenizer import world_tokenizer
 
         tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
     model, processor, tokenizer = build_clip(
         tokenizer, checkpoint=recipe.checkpoint or None,
         sizes=recipe.sizes(), seed=recipe.seed)
-    from companion.models import clip_image_size
 
     data = build_caption_data(make_scenes(recipe.train_scenes, seed=recipe.seed), tokenizer,
                               processor, render_size=clip_image_size(model))
@@ -393,8 +387,6 @@ def pretrain_clip(recipe: ClipRecipe, tokenizer=None, device="cpu", progress: bo
 def _clip_artifact_config(recipe: ClipRecipe) -> dict:
     config = {"kind": "clip", "recipe": recipe.to_dict()}
     if not recipe.checkpoint:
-        from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
-
         config["sizes"] = recipe.sizes().to_dict()
         config["tokenizer"] = {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
     return config
@@ -402,9 +394,6 @@ def _clip_artifact_config(recipe: ClipRecipe) -> dict:
 
 def save_clip_run(run: ClipRun, folder) -> None:
     """Write a trained CLIP, its processor, tokenizer, temperature and history to ``folder``."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     run.model.save_pretrained(folder)
     run.processor.save_pretrained(folder)
@@ -416,8 +405,6 @@ def save_clip_run(run: ClipRun, folder) -> None:
 
 def publish_clip(cache_dir, recipe: ClipRecipe, run: ClipRun, log=print):
     """Store a run made in a notebook in the cache, where :func:`pretrained_clip` finds it."""
-    from companion.artifacts import cached_artifact
-
     return cached_artifact(cache_dir, "clip", _clip_artifact_config(recipe),
                            lambda folder: save_clip_run(run, folder), log=log)
 
@@ -425,10 +412,6 @@ def publish_clip(cache_dir, recipe: ClipRecipe, run: ClipRun, log=print):
 def pretrained_clip(cache_dir, recipe: ClipRecipe | None = None, device="cpu", log=print):
     """The CLIP of section 3.1.1, ``(model, processor, tokenizer)``: loaded from the cache,
     or trained now with ``recipe`` (default: the section's default run) and cached."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    from companion.artifacts import cached_artifact
-
     recipe = recipe or ClipRecipe()
 
     def build(folder):

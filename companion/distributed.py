@@ -28,6 +28,8 @@ Demo (CPU gloo, or NCCL with one GPU per process)::
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -147,8 +149,6 @@ def distributed_info_nce_loss(
 
 def _demo(local_batch: int = 8, dim: int = 16, seed: int = 0) -> int:
     """Check the distributed loss and gradients against one process on the whole batch."""
-    import os
-
     use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= int(
         os.environ.get("WORLD_SIZE", "1")
     )

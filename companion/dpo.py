@@ -19,6 +19,7 @@ import torch
 
 from companion.losses.preference import dpo_loss, dpo_rewards, sequence_logprobs
 from companion.preference import PreferenceData
+from companion.train import TrainConfig, share_of_rank, train
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,6 @@ def train_dpo(policy, reference, data: PreferenceData, pad_id: int, config: DPOC
     Returns the training history (loss, implicit-reward accuracy and margin per step).
     Under ``torchrun`` each rank scores its block of the step's pairs (chosen and rejected
     together); ``checkpoint``: a :class:`~companion.train.Checkpointing`."""
-    from companion.train import TrainConfig, share_of_rank, train
-
     average = config.loss_type == "ipo"
     ref_chosen, ref_rejected = reference_logps(reference, data, pad_id, average)
     if not torch.isfinite(torch.cat([ref_chosen, ref_rejected])).all():

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from companion.world import TASK_TYPES, judge_answer, judge_description
+
 
 def recall_at_k(
     similarity: torch.Tensor,
@@ -121,8 +123,6 @@ def caption_quality(scenes, captions) -> dict[str, float]:
     extra), and the hallucination rate: the share of captions that mention an object,
     colour, count or word that is not in the scene.
     """
-    from companion.world import judge_answer, judge_description
-
     scenes, captions = list(scenes), list(captions)
     if len(scenes) != len(captions):
         raise ValueError(f"caption_quality: {len(scenes)} scenes but {len(captions)} captions")
@@ -202,7 +202,6 @@ def task_mean_difference(control, arm) -> dict:
                          "held-out records")
     if not tasks_c:
         raise ValueError("task_mean_difference: no judged answers to compare")
-    from companion.world import TASK_TYPES
 
     seen = [a["task"] for a in control.answers]
     tasks = sorted(tasks_c, key=lambda t: (TASK_TYPES.index(t) if t in TASK_TYPES

@@ -7,38 +7,44 @@
   a record left with no assistant token (after truncation) is reported and skipped, never
   trained as a zero loss.
 - :func:`instruction_tuning_step` is the seed's function: a batch in, the loss out.
-- :func:`generate_replies` and :func:`evaluate_tasks` let the model answer held-out
-  questions turn by turn and score the answers with the world's judge.
+- :func:`generate_replies` and :func:`evaluate_tasks` (:mod:`companion.answers`) let the
+  model answer held-out questions turn by turn and score the answers with the world's judge.
+- :class:`InstructionRecipe` and :func:`instruction_tune`: section 3.2's run (both stages
+  from the cached CLIP and LM), cached by its recipe.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from companion.tokenizer import encode_chat, to_chat_messages
-
-IGNORE_INDEX = -100
+# answering and judging live in companion.answers; imported here too (re-exported), where
+# section 3.2 first uses them
+from companion.answers import TaskScores, evaluate_tasks, generate_replies  # noqa: F401
+from companion.answers import decode_reply, generate_tokens, prompt_ids  # noqa: F401
+from companion.artifacts import cached_artifact
+from companion.batching import IGNORE_INDEX, grouped_rows, label_tokens, pad_examples
+from companion.clip import ClipRecipe, pixel_values_for, pretrained_clip
+from companion.data.llava import open_image
+from companion.llava import (VisionFeatureCache, expand_image_placeholder, image_seq_length,
+                             inputs_embeds)
+from companion.lm import LMRecipe, TinyLMConfig, pretrained_lm
+from companion.stages import apply_stage, set_trainable
+from companion.tokenizer import (CHAT_TEMPLATE, SPECIAL_TOKENS, encode_chat, image_token_id,
+                                 world_tokenizer)
+from companion.train import TrainConfig, train
+from companion.vlm import build_vlm, load_vlm, save_vlm
+from companion.world import (ANSWER_STYLES, careless_annotations, make_instruction_dataset,
+                             make_scenes, merge_records, render_scene)
 
 
 class NoTargetError(ValueError):
     """A sample has no token that carries loss (nothing to learn from it)."""
-
-
-def _expand_image(ids: list[int], mask: list[int], image_id: int, n_image_tokens: int,
-                  where: str) -> tuple[list[int], list[int]]:
-    positions = [i for i, token in enumerate(ids) if token == image_id]
-    if len(positions) > 1:
-        raise ValueError(f"{where}: {len(positions)} <image> tokens; LLaVA takes one image per "
-                         "conversation, at the start of the first human turn")
-    if not positions:
-        return ids, mask
-    p = positions[0]
-    return (ids[:p] + [image_id] * n_image_tokens + ids[p + 1:],
-            mask[:p] + [0] * n_image_tokens + mask[p + 1:])
 
 
 def build_example(tokenizer, conversations: list[dict], n_image_tokens: int, image_id: int,
@@ -53,8 +59,8 @@ def build_example(tokenizer, conversations: list[dict], n_image_tokens: int, ima
     :class:`NoTargetError` so the caller can report and skip it.
     """
     encoded = encode_chat(tokenizer, conversations)
-    ids, mask = _expand_image(encoded["input_ids"], encoded["assistant_mask"], image_id,
-                              n_image_tokens, where)
+    ids, mask = expand_image_placeholder(encoded["input_ids"], encoded["assistant_mask"],
+                                         image_id, n_image_tokens, where)
     if image_id in ids:
         last_image = len(ids) - 1 - ids[::-1].index(image_id)
         if last_image >= max_length:
@@ -69,24 +75,6 @@ def build_example(tokenizer, conversations: list[dict], n_image_tokens: int, ima
                   "the conversation has no assistant reply")
         raise NoTargetError(f"{where}: {reason}; skipping it (it would train on nothing)")
     return {"input_ids": ids, "labels": labels}
-
-
-def pad_examples(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict:
-    """Pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); attention mask 0 on pads."""
-    if not examples:
-        raise ValueError("pad_examples got no examples")
-    length = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        span = slice(0, n) if side == "right" else slice(length - n, length)
-        input_ids[row, span] = torch.tensor(example["input_ids"])
-        attention[row, span] = 1
-        if "labels" in example:
-            labels[row, span] = torch.tensor(example["labels"])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 @dataclass
@@ -107,8 +95,6 @@ class LlavaCollator:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self):
-        from companion.vlm import image_token_id
-
         self.image_id = image_token_id(self.tokenizer)
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -133,13 +119,6 @@ class LlavaCollator:
         return batch
 
 
-def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The number of tokens a causal-LM loss averages over: labels not -100 after the shift
-    by one (Hugging Face's ``ForCausalLMLoss``). Under ``torchrun`` it weights each rank's
-    token-mean loss so that their combination is the token mean of the whole batch."""
-    return (batch["labels"][:, 1:] != -100).sum()
-
-
 def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The seed's step: images and conversation tokens in, the assistant-only loss out.
 
@@ -152,8 +131,6 @@ def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tens
     starts at the projector (:func:`companion.llava.inputs_embeds`), with the same result.
     """
     if "vision_features" in batch:
-        from companion.llava import inputs_embeds
-
         embeds = inputs_embeds(model, batch["input_ids"], features=batch["vision_features"])
         return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                      labels=batch["labels"]).loss
@@ -162,25 +139,6 @@ def instruction_tuning_step(model, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- pre-encoded data
-
-def grouped_rows(lengths: Sequence[int], batch_size: int, step: int, seed: int = 0,
-                 group: int = 8) -> list[int]:
-    """Row indices of the batch of ``step`` (random, with replacement, deterministic in
-    ``(seed, step)``), drawn ``group`` batches at a time and sorted by length so that each
-    batch holds sequences of similar length (see :meth:`InstructionData.batch`)."""
-    if batch_size < 1 or group < 1:
-        raise ValueError(f"batch_size={batch_size} and group={group} must be positive")
-    if not lengths:
-        raise ValueError("no rows to draw a batch from")
-    block, slot = divmod(step, group)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
-    rows = torch.randint(len(lengths), (batch_size * group,), generator=generator).tolist()
-    if group > 1:
-        rows.sort(key=lambda r: lengths[r])
-        order = torch.randperm(group, generator=generator).tolist()
-        rows = rows[order[slot] * batch_size:(order[slot] + 1) * batch_size]
-    return rows
-
 
 @dataclass
 class InstructionData:
@@ -201,8 +159,6 @@ class InstructionData:
         """Run ``model``'s frozen vision tower once over every image and keep the features,
         so that each training step starts at the projector (LLaVA's stages 1 and 2 never
         change the tower). Returns ``self``; :meth:`drop_vision_features` undoes it."""
-        from companion.llava import VisionFeatureCache
-
         self.vision_features = VisionFeatureCache(model, self.pixel_values).features
         return self
 
@@ -233,9 +189,6 @@ class InstructionData:
 def encode_records(records: Sequence[dict], tokenizer, image_processor, n_image_tokens: int,
                    load_image: Callable[[dict], object], max_length: int = 512) -> InstructionData:
     """Encode LLaVA records once (tokens, labels, pixels), reporting skipped ones."""
-    from companion.clip import pixel_values_for
-    from companion.vlm import image_token_id
-
     image_id = image_token_id(tokenizer)
     examples, images, tasks, skipped = [], [], [], []
     for index, record in enumerate(records):
@@ -254,149 +207,6 @@ def encode_records(records: Sequence[dict], tokenizer, image_processor, n_image_
     if not examples:
         raise NoTargetError("no record has an assistant token to train on")
     return InstructionData(examples, pixel_values_for(image_processor, images), tasks, skipped)
-
-
-# ----------------------------------------------------------------------------- answering
-
-def prompt_ids(tokenizer, conversations: list[dict], n_image_tokens: int) -> list[int]:
-    """Token ids of a conversation that ends with a human turn, plus the assistant header."""
-    from companion.vlm import image_token_id
-
-    ids = tokenizer.apply_chat_template(to_chat_messages(conversations), tokenize=True,
-                                        add_generation_prompt=True, return_dict=True)["input_ids"]
-    ids, _ = _expand_image(list(ids), [0] * len(ids), image_token_id(tokenizer), n_image_tokens,
-                           "prompt")
-    return ids
-
-
-@torch.no_grad()
-def generate_tokens(model, tokenizer, conversations: Sequence[list[dict]],
-                    pixel_values: torch.Tensor, max_new_tokens: int = 48,
-                    do_sample: bool = False, temperature: float = 1.0,
-                    generator_seed: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
-    """``(prompts, replies)``: each conversation's prompt ids (ending with the assistant
-    header) and the token ids the model wrote after it, cut after its first end-of-turn token
-    (kept, since it is part of the reply the model is trained to write). Greedy unless
-    ``do_sample``; prompts are left-padded so that every reply starts at the same column.
-    The ``<image>`` placeholder is never generated (a reply containing it could not be fed
-    back to the model: every placeholder must match an image feature).
-
-    ``pixel_values=None`` runs a text-only causal LM on conversations without ``<image>``
-    (e.g. :func:`companion.vlm.text_only_conversations`)."""
-    from companion.vlm import IMAGE_TOKEN, end_of_turn_id, image_seq_length, image_token_id
-
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be positive when sampling")
-    model.eval()
-    device = next(model.parameters()).device
-    if pixel_values is None and any(IMAGE_TOKEN in str(turn.get("value", ""))
-                                    for c in conversations for turn in c):
-        raise ValueError("a conversation has <image> but no pixel_values were given; replace "
-                         "the image by text (text_only_conversations) or pass the images")
-    n_image = image_seq_length(model) if pixel_values is not None else 0
-    prompts = [prompt_ids(tokenizer, c, n_image) for c in conversations]
-    batch = pad_examples([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, side="left")
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    end = end_of_turn_id(tokenizer)
-    output = model.generate(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        **({} if pixel_values is None else {"pixel_values": pixel_values.to(device)}),
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=None,
-        top_k=None, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=[image_token_id(tokenizer)])
-    replies = []
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        replies.append(row[:row.index(end) + 1] if end in row else row)
-    return prompts, replies
-
-
-def decode_reply(tokenizer, reply: Sequence[int]) -> str:
-    """The text of a generated reply (without its end-of-turn token)."""
-    from companion.vlm import end_of_turn_id
-
-    reply = list(reply)
-    end = end_of_turn_id(tokenizer)
-    if end in reply:
-        reply = reply[:reply.index(end)]
-    return tokenizer.decode(reply, skip_special_tokens=True).strip()
-
-
-def generate_replies(model, tokenizer, conversations: Sequence[list[dict]],
-                     pixel_values: torch.Tensor, max_new_tokens: int = 48,
-                     do_sample: bool = False, temperature: float = 1.0,
-                     generator_seed: int | None = None) -> list[str]:
-    """The model's next assistant reply to each conversation (greedy unless ``do_sample``)."""
-    _, replies = generate_tokens(model, tokenizer, conversations, pixel_values, max_new_tokens,
-                                 do_sample, temperature, generator_seed)
-    return [decode_reply(tokenizer, reply) for reply in replies]
-
-
-@dataclass
-class TaskScores:
-    """Judged answers of held-out records, and their summary per task type."""
-
-    answers: list[dict]   # one per assistant turn: record id, task, turn, question, answer, ...
-
-    def accuracy(self, task: str | None = None) -> float:
-        rows = [a for a in self.answers if task is None or a["task"] == task]
-        return sum(a["correct"] for a in rows) / max(1, len(rows))
-
-    def hallucination_rate(self, task: str | None = None) -> float:
-        rows = [a for a in self.answers if task is None or a["task"] == task]
-        return sum(bool(a["hallucinations"]) for a in rows) / max(1, len(rows))
-
-    def by_task(self) -> dict[str, dict[str, float]]:
-        tasks = sorted({a["task"] for a in self.answers}, key=_task_order)
-        return {t: {"accuracy": self.accuracy(t), "hallucination_rate": self.hallucination_rate(t),
-                    "answers": sum(a["task"] == t for a in self.answers)} for t in tasks}
-
-    def mean_task_accuracy(self) -> float:
-        table = self.by_task()
-        return sum(v["accuracy"] for v in table.values()) / max(1, len(table))
-
-
-def _task_order(task: str) -> int:
-    from companion.world import TASK_TYPES
-
-    return TASK_TYPES.index(task) if task in TASK_TYPES else len(TASK_TYPES)
-
-
-def evaluate_tasks(model, tokenizer, records: Sequence[dict], scenes_by_id: dict,
-                   pixel_values: torch.Tensor, batch_size: int = 64,
-                   max_new_tokens: int = 48) -> TaskScores:
-    """Let the model answer every human turn of ``records`` and judge each answer.
-
-    Multi-turn records are played as a real chat: each later question follows the model's
-    *own* earlier answers. ``pixel_values`` (R, 3, H, W) holds each record's image; ``None``
-    scores a text-only LM on records whose conversations carry no image.
-    """
-    from companion.world import judge_answer
-
-    answers = []
-    history = [[] for _ in records]
-    max_turns = max(len(r["checks"]) for r in records)
-    for turn in range(max_turns):
-        active = [i for i, r in enumerate(records) if len(r["checks"]) > turn]
-        for start in range(0, len(active), batch_size):
-            rows = active[start:start + batch_size]
-            convs = [history[i] + [records[i]["conversations"][2 * turn]] for i in rows]
-            pixels = None if pixel_values is None else pixel_values[rows]
-            replies = generate_replies(model, tokenizer, convs, pixels,
-                                       max_new_tokens=max_new_tokens)
-            for i, conv, reply in zip(rows, convs, replies):
-                record = records[i]
-                check = record["checks"][turn]
-                result = judge_answer(scenes_by_id[record["scene_id"]], reply, check)
-                answers.append({
-                    "id": record["id"], "task": record["task"], "turn": turn,
-                    "question": conv[-1]["value"].replace("<image>\n", ""), "answer": reply,
-                    "reference": record["conversations"][2 * turn + 1]["value"],
-                    "correct": bool(result.passed), "score": result.score,
-                    "hallucinations": list(result.hallucinations)})
-                history[i] = conv + [{"from": "gpt", "value": reply}]
-    return TaskScores(answers)
 
 
 # ----------------------------------------------------------------------------- the section's run
@@ -443,8 +253,6 @@ class InstructionRecipe:
     vision_cache: bool = False          # train stages 1 and 2 from cached tower features
 
     def __post_init__(self):
-        from companion.world import ANSWER_STYLES
-
         for name in ("train_scenes", "stage1_steps", "stage2_steps", "batch_size", "merge_patches",
                      "lm_questions_per_conversation", "questions_per_conversation"):
             if getattr(self, name) < 1:
@@ -464,8 +272,6 @@ class InstructionRecipe:
         """The recipe as cache keys read it. A field added after models were cached enters
         the key only when it differs from the value every run had before it existed, so
         those runs keep their keys (and a new default never takes an old key)."""
-        from dataclasses import asdict
-
         values = asdict(self)
         for name, before in _KEYLESS_VALUES.items():
             if values[name] == before:
@@ -473,8 +279,6 @@ class InstructionRecipe:
         return values
 
     def clip_recipe(self):
-        from companion.clip import ClipRecipe
-
         return ClipRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
                           train_scenes=self.clip_train_scenes, steps=self.clip_steps,
                           batch_size=self.clip_batch_size, image_size=self.clip_image_size,
@@ -483,8 +287,6 @@ class InstructionRecipe:
                           vision_layers=self.clip_vision_layers)
 
     def lm_recipe(self):
-        from companion.vlm import LMRecipe, TinyLMConfig
-
         merged = self.lm_questions_per_conversation > 1
         return LMRecipe(seed=self.seed, tokenizer_scenes=self.tokenizer_scenes,
                         sizes=TinyLMConfig(layers=self.lm_layers),
@@ -498,8 +300,6 @@ def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:
     type per scene (scene ids from 30,000,000, so they never meet another section's), in
     the recipe's answer style, written by the careless annotator at its rate
     (:func:`stage_records` splits them between the stages)."""
-    from companion.world import careless_annotations, make_instruction_dataset, make_scenes
-
     scenes = make_scenes(recipe.train_scenes, seed=recipe.seed + 2, start_id=30_000_000)
     by_id = {s.scene_id: s for s in scenes}
     records = make_instruction_dataset(scenes, seed=recipe.seed + 2,
@@ -516,8 +316,6 @@ def stage_records(recipe: InstructionRecipe, records: Sequence[dict]) -> dict[st
     (LLaVA's stage-1 captions were not written by the text-only GPT-4); stage 2 every
     record as written, joined ``questions_per_conversation`` per conversation
     (:func:`companion.world.merge_records`)."""
-    from companion.world import merge_records
-
     def as_captioned(record):
         note = record.get("annotator")
         if note is None:
@@ -535,8 +333,6 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
                       n_image_tokens: int, image_size: int) -> dict[str, InstructionData]:
     """The two stages' training sets: ``stage1`` (description records: LLaVA's stage 1
     trains on image-caption pairs) and ``stage2`` (every task type)."""
-    from companion.world import render_scene
-
     def load_image(record):
         return render_scene(scenes_by_id[record["scene_id"]], image_size)
 
@@ -548,8 +344,6 @@ def encode_stage_data(records: Sequence[dict], scenes_by_id: dict, tokenizer, pr
 def encode_world_records(records: Sequence[dict], scenes_by_id: dict, tokenizer, processor,
                          n_image_tokens: int, image_size: int) -> InstructionData:
     """World records encoded with their scenes rendered at ``image_size``."""
-    from companion.world import render_scene
-
     return encode_records(records, tokenizer, processor, n_image_tokens,
                           lambda record: render_scene(scenes_by_id[record["scene_id"]],
                                                       image_size))
@@ -566,8 +360,6 @@ def encode_file_data(records: Sequence[dict], image_folder, tokenizer, processor
     record says. A text-only record (no ``image``) is reported in ``skipped`` and left out:
     every conversation here feeds one image to the vision tower.
     """
-    from companion.data.llava import open_image
-
     def with_images(rows):
         kept = [r for r in rows if r.get("image")]
         dropped = [(str(r.get("id", i)), "text-only record (no image); left out")
@@ -604,12 +396,8 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
     learning-rate multipliers (e.g. ``{"model.vision_tower.": 0.1}``); ``checkpoint`` a
     :class:`~companion.train.Checkpointing` for mid-stage checkpoints; ``after_step(step)``
     runs after each optimiser step (e.g. to measure the model part-way)."""
-    from companion.stages import apply_stage, set_trainable
-    from companion.train import TrainConfig, train
-
     counts = set_trainable(model, parts) if parts is not None else apply_stage(model, stage)
     if data.vision_features is not None:  # cached features are right only for a frozen tower
-        from companion.llava import VisionFeatureCache
 
         VisionFeatureCache.check_frozen(model)
     if log:
@@ -625,8 +413,6 @@ def train_stage(model, stage: str, data: InstructionData, steps: int, lr: float,
 
 
 def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:
-    from companion.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
-
     return {"kind": "vlm-instruction", "procedure": 1, "recipe": recipe.to_dict(),
             "lm_sizes": recipe.lm_recipe().sizes.to_dict(),
             "tokenizer": {"template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}}
@@ -635,10 +421,6 @@ def _instruction_artifact_config(recipe: InstructionRecipe) -> dict:
 def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=None):
     """Run section 3.2 end to end: CLIP and LM (from the cache or trained), the VLM, stage 1,
     stage 2. Returns ``(model, processor, tokenizer, {"stage1": history, "stage2": ...})``."""
-    from companion.clip import pretrained_clip
-    from companion.tokenizer import world_tokenizer
-    from companion.vlm import build_vlm, image_seq_length, pretrained_lm
-
     tokenizer = world_tokenizer(cache_dir, n_scenes=recipe.tokenizer_scenes, log=None)
     clip, processor, _ = pretrained_clip(cache_dir, recipe.clip_recipe(), device=device, log=log)
     lm, _ = pretrained_lm(cache_dir, tokenizer, recipe.lm_recipe(), device=device, log=log)
@@ -651,7 +433,6 @@ def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=Non
                                         model.config.vision_config.image_size)
             for stage, rows in by_stage.items()}
     if recipe.vision_cache:  # both stages freeze the tower: encode each image once
-        from companion.stages import apply_stage
 
         apply_stage(model, "stage1")
         for stage_data in data.values():
@@ -665,11 +446,6 @@ def instruction_tune(recipe: InstructionRecipe, cache_dir, device="cpu", log=Non
 
 
 def _save_instruction_tuned(folder, model, processor, tokenizer, histories) -> None:
-    import json
-    from pathlib import Path
-
-    from companion.vlm import save_vlm
-
     save_vlm(folder, model, processor, tokenizer)
     (Path(folder) / "history.json").write_text(json.dumps(
         {stage: h.steps for stage, h in histories.items()}))
@@ -679,8 +455,6 @@ def publish_instruction_tuned(cache_dir, recipe: InstructionRecipe, model, proce
                               histories: dict, log=print):
     """Store the model a notebook trained with ``recipe`` where
     :func:`instruction_tuned_vlm` finds it."""
-    from companion.artifacts import cached_artifact
-
     return cached_artifact(cache_dir, "vlm-sft", _instruction_artifact_config(recipe),
                            lambda folder: _save_instruction_tuned(folder, model, processor,
                                                                   tokenizer, histories), log=log)
@@ -690,9 +464,6 @@ def instruction_tuned_vlm(cache_dir, recipe: InstructionRecipe | None = None, de
                           log=print):
     """The instruction-tuned VLM of section 3.2 ``(model, processor, tokenizer)``: from the
     cache, or trained now with ``recipe`` (default: the section's default run) and cached."""
-    from companion.artifacts import cached_artifact
-    from companion.vlm import load_vlm
-
     recipe = recipe or InstructionRecipe()
 
     def build(folder):

@@ -14,10 +14,19 @@ process, gloo on CPUs) and the shared training loop does the rest (``companion.t
 
 from __future__ import annotations
 
-import ast
+import argparse
 import os
 import sys
 from pathlib import Path
+
+import ast
+import torch
+import torch.distributed as dist
+
+from companion.book import BookConfigError, load_book, notebook_parameters, parse_overrides
+from companion.distributed import rank_and_world
+from companion.pipeline import config_from_parameters, run_pipeline
+from companion.runtime import setup
 
 PIPELINE_CHAPTER = "3.4"
 
@@ -29,11 +38,6 @@ def init_distributed(device: str = "auto", threads: int | None = None, seed: int
     Under torchrun with GPUs each process takes ``cuda:LOCAL_RANK`` and NCCL; without GPUs
     the processes share the CPUs over gloo.
     """
-    import torch
-    import torch.distributed as dist
-
-    from companion.runtime import setup
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     chosen = setup(seed=seed, device=device, threads=threads, quiet=True)
     if world == 1:
@@ -58,8 +62,6 @@ def pipeline_parameters(profile: str = "default", overrides: dict | None = None,
                         manifest=None) -> tuple[dict, Path]:
     """Notebook 3.4's parameters under ``profile`` (its defaults, the profile's values, then
     ``overrides``) and the run folder the notebook uses, ``<cache_dir>/pipeline``."""
-    from companion.book import load_book, notebook_parameters
-
     book = load_book(manifest)
     chapter = next(c for c in book.chapters if c.id == PIPELINE_CHAPTER)
     params = {}
@@ -78,10 +80,6 @@ def pipeline_parameters(profile: str = "default", overrides: dict | None = None,
 
 
 def _parse(argv: list[str]):
-    import argparse
-
-    from companion.book import BookConfigError, parse_overrides
-
     parser = argparse.ArgumentParser(
         prog="python -m companion pipeline",
         description="Run (or resume) the LLaVA-1.5 pipeline of section 3.4; under torchrun "
@@ -108,12 +106,6 @@ def _parse(argv: list[str]):
 
 def main_pipeline(argv: list[str]) -> int:
     """``python -m companion pipeline run ...``: see the module docstring."""
-    import torch.distributed as dist
-
-    from companion.book import BookConfigError
-    from companion.distributed import rank_and_world
-    from companion.pipeline import config_from_parameters, run_pipeline
-
     args, overrides = _parse(argv)
     try:
         params, run_dir = pipeline_parameters(args.profile, overrides, args.manifest)

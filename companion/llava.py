@@ -169,3 +169,35 @@ class VisionFeatureCache:
 
     def __getitem__(self, rows) -> torch.Tensor:
         return self.features[rows]
+
+
+# ----------------------------------------------------------------------------- placeholders
+
+def image_seq_length(model) -> int:
+    """Number of ``<image>`` tokens one image becomes in ``model`` (LLaVA config)."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    merge = getattr(model.config, "merge_patches", 1)
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    if merge > 1:
+        if strategy != "default":
+            raise ValueError("merged patches need vision_feature_select_strategy='default' "
+                             "(the CLS token is not part of the patch grid)")
+        return patches // merge ** 2
+    return patches if strategy == "default" else patches + 1
+
+
+def expand_image_placeholder(ids: list[int], mask: list[int], image_id: int, n_image_tokens: int,
+                             where: str) -> tuple[list[int], list[int]]:
+    """The prompt's one ``<image>`` token repeated ``n_image_tokens`` times (one position per
+    vision token, for :func:`merge_image_tokens` to fill), with ``mask`` (0 there) kept in
+    step; more than one ``<image>`` is an error that names ``where``."""
+    positions = [i for i, token in enumerate(ids) if token == image_id]
+    if len(positions) > 1:
+        raise ValueError(f"{where}: {len(positions)} <image> tokens; LLaVA takes one image per "
+                         "conversation, at the start of the first human turn")
+    if not positions:
+        return ids, mask
+    p = positions[0]
+    return (ids[:p] + [image_id] * n_image_tokens + ids[p + 1:],
+            mask[:p] + [0] * n_image_tokens + mask[p + 1:])

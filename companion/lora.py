@@ -97,7 +97,7 @@ def merge_lora(model: nn.Module) -> int:
     place; return how many layers were merged. The model is then a plain transformers model."""
     if not has_lora(model):
         return 0
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # optional (the `lora` extra), as in _peft()
 
     merged = 0
     for name, module in list(model.named_modules()):

@@ -29,14 +29,20 @@ import copy
 import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig, BertModel
 
+from companion.clip import (candidate_captions, embed_data, image_embeddings, sample_batch,
+                            similarity_matrix, text_embeddings, tokenize_captions)
+from companion.evaluate import recall_at_k
 from companion.losses.matching import (ITMHead, itm_loss, sample_hard_negatives,
                                        sample_random_negatives)
+from companion.train import train
+from companion.world import COLORS, REGIONS, SHAPES, SIZES, Scene, canonical_caption, scene_captions
 
 __all__ = [
     "CHANGES",
@@ -109,7 +115,6 @@ class FusionEncoder(nn.Module):
                  config: FusionConfig | None = None, pad_token_id: int | None = None,
                  text_width: int | None = None):
         super().__init__()
-        from transformers import BertConfig, BertModel
 
         config = config or FusionConfig()
         self.config = config
@@ -421,8 +426,6 @@ def itm_batch(data_batch: dict, negatives: str = "random", similarity: torch.Ten
 
 def _perturb(scene, rng: random.Random, change: str):
     """A copy of ``scene`` with exactly one fact changed; returns (new scene, object index)."""
-    from companion.world import COLORS, REGIONS, SHAPES, SIZES, Scene
-
     if not scene.objects:
         raise ValueError(f"scene {scene.scene_id} has no objects to change")
     index = rng.randrange(len(scene.objects))
@@ -453,8 +456,6 @@ def _perturb(scene, rng: random.Random, change: str):
 
 
 def _replace(obj, **changes):
-    from dataclasses import replace
-
     return replace(obj, **changes)
 
 
@@ -467,8 +468,6 @@ def fine_grained_negative(scene, rng: random.Random, change: str | None = None) 
     ``canonical_caption``, so it is in-distribution text, and it is false of the scene: it
     is none of the scene's phrasings.
     """
-    from companion.world import canonical_caption, scene_captions
-
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
     if change is None:
@@ -486,8 +485,6 @@ def fine_grained_negative(scene, rng: random.Random, change: str | None = None) 
 def fine_grained_pairs(scenes: Sequence, seed: int = 0) -> list[tuple[int, str, str, str]]:
     """``(scene_index, true_caption, false_caption, change)`` for every scene, the changes
     cycling through :data:`CHANGES` so each kind is equally represented."""
-    from companion.world import canonical_caption
-
     out = []
     for index, scene in enumerate(scenes):
         rng = random.Random(f"fine-grained:{seed}:{scene.scene_id}")
@@ -513,9 +510,6 @@ def train_itm(itm_model: ITMModel, data, config, *, negatives: str = "random",
     similarities divided by ``temperature`` are the mining logits. ``eval_fn``
     is passed to ``train`` (called every ``config.eval_every`` steps and at the end).
     """
-    from companion.clip import sample_batch, similarity_matrix
-    from companion.train import train
-
     if negatives not in ("random", "hard"):
         raise ValueError(f"negatives={negatives!r}: use 'random' or 'hard'")
     if negatives == "hard" and clip_model is None:
@@ -562,8 +556,6 @@ def evaluate_itm(itm_model: ITMModel, data, seed: int = 0, negatives: str = "ran
                  truth: dict | None = None) -> dict[str, float]:
     """ITM accuracy on every scene of ``data``: its caption, a negative caption, a negative
     image (:func:`itm_batch` over the whole set), at threshold P(match) = 0.5."""
-    from companion.clip import sample_batch, similarity_matrix
-
     truth = truth if truth is not None else caption_truth(data)
     batch = sample_batch(data, len(data), step=0, seed=seed, phrasing=phrasing)
     similarity = similarity_matrix(clip_model, batch, temperature) if negatives == "hard" else None
@@ -589,8 +581,6 @@ def evaluate_fine_grained(clip_model, itm_model: ITMModel | None, tokenizer, pix
     model ``itm``: the same for P(match), and ``itm_accuracy``: share of the 2·N captions
     classified right at P(match) = 0.5.
     """
-    from companion.clip import image_embeddings, text_embeddings, tokenize_captions
-
     if not pairs:
         raise ValueError("evaluate_fine_grained got no pairs")
     index = torch.tensor([p[0] for p in pairs])
@@ -638,9 +628,6 @@ def rerank(clip_model, itm_model: ITMModel, data, k: int = 10, phrasing: int | N
     CLIP's logit ``cosine / itc_temperature`` (BLIP adds the contrastive similarity to the
     ITM score the same way), so each model can overrule the other only by a margin.
     """
-    from companion.clip import candidate_captions, embed_data
-    from companion.evaluate import recall_at_k
-
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"rerank: k={k!r} must be a positive integer")
     if itc_temperature is not None and not itc_temperature > 0:

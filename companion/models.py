@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel
+
+try:  # transformers 5 without torchvision: the PIL backend (same numbers, no warning)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # a transformers without it
+    from transformers import CLIPImageProcessor
 
 
 @dataclass
@@ -33,8 +39,6 @@ class TinyClipConfig:
 
 def tiny_clip_config(tokenizer, sizes: TinyClipConfig | None = None):
     """A ``CLIPConfig`` whose text side matches ``tokenizer`` (vocab, pad, bos, eos ids)."""
-    from transformers import CLIPConfig
-
     sizes = sizes or TinyClipConfig()
     if sizes.image_size % sizes.patch_size:
         raise ValueError(f"image_size={sizes.image_size} must be a multiple of "
@@ -59,11 +63,6 @@ def tiny_clip_config(tokenizer, sizes: TinyClipConfig | None = None):
 
 def tiny_image_processor(image_size: int):
     """A real ``CLIPImageProcessor`` for the world's images (saved beside the model)."""
-    try:  # transformers 5 without torchvision: the PIL backend (same numbers, no warning)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor
-
     return CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": image_size}, do_center_crop=True,
         crop_size={"height": image_size, "width": image_size}, do_rescale=True,
@@ -80,8 +79,6 @@ def build_clip(tokenizer=None, checkpoint: str | None = None,
     model, its image processor and its tokenizer come from there. Otherwise a tiny CLIP is
     initialised from ``seed`` for ``tokenizer`` (required then).
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
     if checkpoint:
         model = CLIPModel.from_pretrained(checkpoint)
         processor = AutoImageProcessor.from_pretrained(checkpoint)

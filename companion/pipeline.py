@@ -32,12 +32,34 @@ before it reads one. From the command line::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch.distributed as dist
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPModel
+
+from companion.answers import evaluate_tasks
+from companion.artifacts import artifact_path, cached_artifact, verify_artifact
+from companion.clip import ClipRecipe, pixel_values_for, pretrain_clip, save_clip_run
+from companion.distributed import rank_and_world
+from companion.dpo import DPOConfig, train_dpo
+from companion.instruction import (InstructionRecipe, encode_records, instruction_records,
+                                   train_stage)
+from companion.llava import image_seq_length
+from companion.lm import LMRecipe, build_lm, pretrain_lm
+from companion.models import build_clip
+from companion.rlhf import RLHFRecipe, make_preferences, preference_data, rlhf_prompts
+from companion.stages import PARTS, set_trainable
+from companion.tokenizer import world_tokenizer
+from companion.train import Checkpointing
+from companion.tricks import mismatch_images, select_tasks, subsample_scenes
+from companion.vlm import build_vlm, load_vlm, save_vlm
+from companion.world import TASK_TYPES, render_scene
 
 STAGE_KINDS = ("vision", "lm", "stage1", "stage2", "dpo")
 
@@ -84,8 +106,6 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: scene_fraction={self.scene_fraction} must be "
                              f"in (0, 1] and image_noise={self.image_noise} in [0, 1]")
         if self.tasks:
-            from companion.world import TASK_TYPES
-
             unknown = [t for t in self.tasks if t not in TASK_TYPES]
             if unknown:
                 raise ValueError(f"stage {self.name!r}: tasks {unknown} are not task types of "
@@ -95,8 +115,6 @@ class Stage:
             raise ValueError(f"stage {self.name!r} trains {sorted(allowed)[0]}, not "
                              f"{self.trains}")
         if allowed is None:
-            from companion.stages import PARTS
-
             unknown = [p for p in self.trains if p not in PARTS]
             if unknown or not self.trains:
                 raise ValueError(f"stage {self.name!r}: trains={self.trains}; choose parts "
@@ -288,10 +306,7 @@ def _history_file(folder: Path | None, steps: list[dict]) -> None:
 
 
 def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    from companion.clip import ClipRecipe, pretrain_clip, save_clip_run
-
     if config.clip_checkpoint:  # a pretrained CLIP is the stage: saved as it is, 0 steps
-        from companion.models import build_clip
 
         for part in build_clip(checkpoint=config.clip_checkpoint):
             if folder is not None:
@@ -309,8 +324,6 @@ def _build_vision(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict)
 
 
 def _build_lm(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    from companion.vlm import LMRecipe, build_lm, pretrain_lm
-
     if config.lm_checkpoint:  # a pretrained LLM is the stage; its tokenizer gains <image>
         for part in build_lm(checkpoint=config.lm_checkpoint):
             if folder is not None:
@@ -333,10 +346,6 @@ def stage_records(config: PipelineConfig, stage: Stage, ctx: dict | None = None)
     (one record of each task type per scene), then the stage's data recipe: its task types
     (stage 1: descriptions, like LLaVA's image-caption pairs; stage 2: every type), its
     fraction of the scenes, and its fraction of records shown with a wrong image."""
-    from companion.instruction import InstructionRecipe, instruction_records
-    from companion.tricks import mismatch_images, select_tasks, subsample_scenes
-    from companion.world import TASK_TYPES
-
     ctx = ctx if ctx is not None else {}
     if "sft_records" not in ctx:
         ctx["sft_records"] = instruction_records(
@@ -353,11 +362,6 @@ def stage_records(config: PipelineConfig, stage: Stage, ctx: dict | None = None)
 
 
 def _build_llava_stage(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    from companion.instruction import encode_records, train_stage
-    from companion.stages import PARTS
-    from companion.vlm import image_seq_length, save_vlm
-    from companion.world import render_scene
-
     model, processor, tokenizer = ctx["load_vlm"](stage.name)
     by_id, records = stage_records(config, stage, ctx)
     size = model.config.vision_config.image_size
@@ -376,13 +380,6 @@ def _build_llava_stage(config: PipelineConfig, stage: Stage, folder: Path, ctx: 
 
 
 def _build_dpo(config: PipelineConfig, stage: Stage, folder: Path, ctx: dict) -> int:
-    import copy
-
-    from companion.dpo import DPOConfig, train_dpo
-    from companion.rlhf import RLHFRecipe, make_preferences, preference_data, rlhf_prompts
-    from companion.stages import set_trainable
-    from companion.vlm import save_vlm
-
     reference, processor, tokenizer = ctx["load_vlm"]("dpo")
     recipe = RLHFRecipe(seed=config.seed, scenes=config.preference_scenes)
     records = make_preferences(recipe, reference, tokenizer, processor)
@@ -409,11 +406,6 @@ def _stage_artifact(run_dir: Path, name: str, key: dict, build: Callable) -> Pat
     """``cached_artifact`` for every process of a run: alone, exactly that. Under torchrun
     rank 0 decides whether the stage must be built (and tells the others), every rank
     trains it, rank 0 alone writes the artifact, and all wait for it before reading."""
-    import torch.distributed as dist
-
-    from companion.artifacts import artifact_path, cached_artifact, verify_artifact
-    from companion.distributed import rank_and_world
-
     rank, world = rank_and_world()
     if world == 1:
         return cached_artifact(run_dir, name, key, build, log=None)
@@ -433,11 +425,6 @@ def _stage_artifact(run_dir: Path, name: str, key: dict, build: Callable) -> Pat
 def _shared_tokenizer(run_dir: Path, n_scenes: int):
     """The world's tokenizer from ``run_dir``: trained and saved by rank 0 first, then read
     by the other ranks (one process: simply ``world_tokenizer``)."""
-    import torch.distributed as dist
-
-    from companion.distributed import rank_and_world
-    from companion.tokenizer import world_tokenizer
-
     rank, world = rank_and_world()
     tokenizer = world_tokenizer(run_dir, n_scenes=n_scenes, log=None) if rank == 0 else None
     if world > 1:
@@ -456,10 +443,6 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
     (in ``run_dir/.checkpoints``, removed when the stage is done), so that a run killed in
     the middle of a stage resumes there, to the weights an uninterrupted run reaches.
     Under torchrun every rank calls this alike; only rank 0 writes and logs."""
-    from companion.artifacts import artifact_path
-    from companion.distributed import rank_and_world
-    from companion.train import Checkpointing
-
     run_dir = Path(run_dir)
     rank = rank_and_world()[0]
     log = log if rank == 0 else None
@@ -470,11 +453,6 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
     def load_vlm_for(name: str):
         """The VLM a stage starts from: assembled from vision + lm for stage 1, else the
         previous stage's artifact."""
-        from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer,
-                                  CLIPModel)
-
-        from companion.vlm import build_vlm, load_vlm
-
         previous = config.stages[[s.name for s in config.stages].index(name) - 1].name
         if previous == "lm":  # the first LLaVA stage: assemble CLIP + projector + LM
             clip = CLIPModel.from_pretrained(result.folder("vision"))
@@ -524,11 +502,6 @@ def run_pipeline(config: PipelineConfig, run_dir, device="cpu",
 def evaluate_stage(folder, records, scenes_by_id, device="cpu", max_new_tokens: int = 48):
     """Judge the VLM saved in a stage's ``folder`` on held-out ``records``: the
     :class:`~companion.instruction.TaskScores` of every answer."""
-    from companion.clip import pixel_values_for
-    from companion.instruction import evaluate_tasks
-    from companion.vlm import load_vlm
-    from companion.world import render_scene
-
     model, processor, tokenizer = load_vlm(folder, device=device)
     size = model.config.vision_config.image_size
     pixels = pixel_values_for(processor, [render_scene(scenes_by_id[r["scene_id"]], size)

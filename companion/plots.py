@@ -6,18 +6,19 @@ figure can also be drawn without ipywidgets (tests, papermill, static HTML).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from companion.losses.preference import dpo_loss
+
 
 def show_images(images, titles: Sequence[str] | None = None, columns: int = 4,
                 size: float = 2.6, suptitle: str | None = None, fontsize: int = 7):
     """A grid of PIL images with wrapped titles."""
-    import textwrap
-
     rows = (len(images) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(columns * size, rows * (size + 1.0)),
                              squeeze=False)
@@ -165,10 +166,6 @@ def plot_loss_memory(results: list[dict], title: str = "Contrastive loss at CLIP
 def plot_dpo_losses(beta: float, label_smoothing: float = 0.1, h_range: float = 20.0):
     """Each DPO variant's loss against h = (log-ratio of chosen) − (log-ratio of rejected),
     at ``beta`` (the curves come from :func:`companion.losses.preference.dpo_loss`)."""
-    import torch
-
-    from companion.losses.preference import dpo_loss
-
     h = torch.linspace(-h_range, h_range, 401, dtype=torch.float64)
     zero = torch.zeros_like(h)
     fig, ax = plt.subplots(figsize=(6.5, 3.6))

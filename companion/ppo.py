@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from companion.answers import decode_reply, generate_tokens
 from companion.dpo import position_ids_for
-from companion.instruction import decode_reply, generate_tokens
 from companion.losses.ppo import (AdaptiveKLController, FixedKLController, RunningMoments, gae,
                                   ppo_policy_loss, ppo_value_loss, reward_with_kl, whiten)
+from companion.preference import prompt_turns
+from companion.tokenizer import image_token_id
 
 
 class PolicyWithValueHead(nn.Module):
@@ -78,9 +80,6 @@ def rollout(policy: PolicyWithValueHead, tokenizer, prompts: Sequence[str],
             pixel_values: torch.Tensor, rows: Sequence[int], max_new_tokens: int = 32,
             temperature: float = 1.0, seed: int = 0) -> Rollout:
     """Let ``policy`` sample a reply to each prompt in ``rows``."""
-    from companion.preference import prompt_turns
-    from companion.vlm import image_token_id
-
     rows = list(rows)
     prompt_list, replies = generate_tokens(
         policy.vlm, tokenizer, [prompt_turns(prompts[r]) for r in rows], pixel_values[rows],

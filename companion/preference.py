@@ -26,14 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from companion.data.preference import (
-    PREFERENCE_KEYS,  # noqa: F401 (re-exported)
-    read_preferences,
-    validate_preference_records,
-)
-from companion.instruction import IGNORE_INDEX, NoTargetError, build_example, pad_examples
+from companion.answers import generate_replies
+from companion.batching import IGNORE_INDEX, pad_examples
+from companion.clip import pixel_values_for
+from companion.data.preference import PREFERENCE_KEYS  # noqa: F401 (re-exported)
+from companion.data.preference import read_preferences, validate_preference_records
+from companion.instruction import NoTargetError, build_example
+from companion.llava import image_seq_length
 from companion.losses.preference import bradley_terry_loss, sequence_logprobs
-from companion.tokenizer import IMAGE_TOKEN
+from companion.tokenizer import IMAGE_TOKEN, image_token_id
+from companion.world import TASK_TYPES, judge_answer, make_instruction_dataset
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -41,8 +43,6 @@ def preference_prompts(scenes: Sequence, seed: int = 0, tasks: Sequence[str] | N
                        ) -> list[dict]:
     """Single-turn prompts about ``scenes``: the first question of one record of each task
     type per scene, with the judge's check for its answer."""
-    from companion.world import TASK_TYPES, make_instruction_dataset
-
     records = make_instruction_dataset(scenes, tasks=tasks or TASK_TYPES, seed=seed)
     return [{"id": r["id"], "scene_id": r["scene_id"], "task": r["task"], "image": r["image"],
              "prompt": r["conversations"][0]["value"], "check": r["checks"][0],
@@ -69,8 +69,6 @@ def utility(result, hallucination_penalty: float = 0.5) -> float:
 
 
 def judge_reply(scene, reply: str, check: dict, hallucination_penalty: float = 0.5) -> dict:
-    from companion.world import judge_answer
-
     result = judge_answer(scene, reply, check)
     return {"utility": utility(result, hallucination_penalty), "correct": bool(result.passed),
             "hallucinated": bool(result.hallucinations)}
@@ -82,8 +80,6 @@ def sample_replies(model, tokenizer, prompts: Sequence[dict], pixel_values: torc
                    n_samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 32,
                    seed: int = 0, batch_size: int = 128) -> list[list[str]]:
     """``n_samples`` sampled replies per prompt (``pixel_values`` row i is prompt i's image)."""
-    from companion.instruction import generate_replies
-
     if n_samples < 2:
         raise ValueError(f"n_samples={n_samples}: a preference needs at least two answers")
     rows = [i for i in range(len(prompts)) for _ in range(n_samples)]
@@ -222,9 +218,6 @@ def encode_preferences(records: Sequence[dict], tokenizer, image_processor, n_im
     Augmented RLHF): each prompt also carries the image's ground truth in words
     (:func:`prompt_turns`), so the reward model can check a claim against it instead of
     having to see it."""
-    from companion.clip import pixel_values_for
-    from companion.vlm import image_token_id
-
     image_id = image_token_id(tokenizer)
     chosen, rejected, images, skipped = [], [], [], []
     for index, record in enumerate(records):
@@ -407,7 +400,6 @@ def score_replies(model: RewardModel, tokenizer, prompts: Sequence[str], replies
     if facts is not None and len(facts) != len(prompts):
         raise ValueError(f"{len(facts)} facts for {len(prompts)} prompts: give one per prompt")
     _check_layout(model, facts is not None, "the prompts")
-    from companion.vlm import image_seq_length, image_token_id
 
     model.eval()
     device = next(model.parameters()).device

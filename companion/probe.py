@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from companion.llava import merge_patches
+from companion.world import COLORS, REGIONS, SHAPES, SIZES, described_objects, parse_answer
 
 PROBE_ATTRIBUTES = ("object", "shape", "color", "size")
 IGNORE = -100  # label of an attribute a cell does not have (no object there)
@@ -30,8 +31,6 @@ MAX_PROBE_WEIGHTS = 100_000_000
 
 
 def _classes() -> dict[str, tuple]:
-    from companion.world import COLORS, SHAPES, SIZES
-
     return {"object": (False, True), "shape": SHAPES, "color": tuple(COLORS), "size": SIZES}
 
 
@@ -39,8 +38,6 @@ def cell_labels(scenes: Sequence) -> torch.Tensor:
     """(N, 9, 4) long: per scene and cell (``REGIONS`` order) whether it holds an object
     (0/1), and that object's shape, colour and size indices (``IGNORE`` without one).
     A word's cell counts as holding no object."""
-    from companion.world import REGIONS
-
     classes = _classes()
     labels = torch.full((len(scenes), len(REGIONS), len(PROBE_ATTRIBUTES)), IGNORE,
                         dtype=torch.long)
@@ -194,8 +191,6 @@ def described_cells(answer: str) -> dict[str, dict[str, str]]:
     "size": ...}}`` for each mentioned object that has a region, by the attachment rule of
     :func:`companion.world.judge_description` (:func:`companion.world.described_objects`);
     unstated attributes are left out, a cell named twice keeps its first object."""
-    from companion.world import described_objects, parse_answer
-
     cells: dict[str, dict[str, str]] = {}
     for stated in described_objects(parse_answer(answer)):
         region = stated.pop("region", None)
@@ -209,8 +204,6 @@ def description_cell_accuracy(scenes: Sequence, answers: Sequence[str]) -> dict[
     holds an object when the description places one there, and an object's shape, colour
     or size is right when the description states that value at its cell (an object left
     out counts as wrong on all three)."""
-    from companion.world import REGIONS
-
     if len(scenes) != len(answers):
         raise ValueError(f"{len(scenes)} scenes but {len(answers)} descriptions: give one "
                          "description per scene")

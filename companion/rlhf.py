@@ -16,12 +16,29 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from companion.instruction import InstructionRecipe, evaluate_tasks
+from companion.answers import evaluate_tasks
+from companion.artifacts import cached_artifact
+from companion.clip import pixel_values_for
+from companion.data.files import content_sha256
+from companion.data.llava import open_image
+from companion.evaluate import paired_difference, task_mean_difference, verdict
+from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.llava import image_seq_length
+from companion.lm import scene_as_text
+from companion.ppo import PolicyWithValueHead, PPOConfig, sampled_kl, train_ppo
+from companion.preference import (RewardModel, encode_preferences, judge_reply, label_preferences,
+                                  load_preferences, preference_prompts, reward_model_loss,
+                                  reward_trainable, sample_replies, save_preferences, score_replies)
+from companion.stages import set_trainable
+from companion.train import TrainConfig, train
+from companion.vlm import load_vlm, save_vlm
+from companion.world import make_instruction_dataset, make_scenes, render_scene
 
 
 # the careless annotator's rate for 3.3's starting model (companion.world.careless_annotations)
@@ -105,9 +122,6 @@ def _sft_config(recipe: RLHFRecipe) -> dict:
 def sft_model(cache_dir, recipe: RLHFRecipe, device="cpu", log=print):
     """The section's starting point ``(model, processor, tokenizer)``: the checkpoint that
     ``recipe.sft_checkpoint`` names, or 3.2's instruction-tuned model (cached or trained)."""
-    from companion.instruction import instruction_tuned_vlm
-    from companion.vlm import load_vlm
-
     if recipe.sft_checkpoint:
         model, processor, tokenizer = load_vlm(recipe.sft_checkpoint, device=device)
         return model.eval(), processor, tokenizer
@@ -116,7 +130,6 @@ def sft_model(cache_dir, recipe: RLHFRecipe, device="cpu", log=print):
 
 def _data_config(recipe: RLHFRecipe) -> dict:
     if recipe.preference_json:  # keyed by its content, so an edited file is new data
-        from companion.data.files import content_sha256
 
         path = Path(recipe.preference_json)
         if not path.exists():
@@ -136,10 +149,6 @@ def _data_config(recipe: RLHFRecipe) -> dict:
 
 def rlhf_prompts(recipe: RLHFRecipe, processor, image_size: int):
     """``(scenes_by_id, prompts, pixel_values, train_rows, heldout_rows)``."""
-    from companion.clip import pixel_values_for
-    from companion.preference import preference_prompts
-    from companion.world import make_scenes, render_scene
-
     scenes = make_scenes(recipe.scenes, seed=recipe.seed + 10, start_id=50_000_000)
     by_id = {s.scene_id: s for s in scenes}
     prompts = preference_prompts(scenes, seed=recipe.seed + 10)
@@ -155,8 +164,6 @@ def rlhf_prompts(recipe: RLHFRecipe, processor, image_size: int):
 def make_preferences(recipe: RLHFRecipe, model, tokenizer, processor) -> list[dict]:
     """Sample ``recipe.samples`` replies per prompt from ``model`` and let the judge label
     them; every record says whether its scene is held out (``split``)."""
-    from companion.preference import label_preferences, sample_replies
-
     by_id, prompts, pixels, train_rows, _ = rlhf_prompts(
         recipe, processor, model.config.vision_config.image_size)
     replies = sample_replies(model, tokenizer, prompts, pixels, recipe.samples,
@@ -183,9 +190,6 @@ def preference_records(cache_dir, recipe: RLHFRecipe | None = None, device="cpu"
     (:func:`companion.data.preference.read_preferences`); images given as PIL images (a
     dataset's ``Image`` feature) are written once to ``cache_dir/preference-images``, named
     by their content."""
-    from companion.artifacts import cached_artifact
-    from companion.preference import load_preferences, save_preferences
-
     recipe = recipe or RLHFRecipe()
     if recipe.preference_json:
         records = load_preferences(recipe.preference_json,
@@ -205,8 +209,6 @@ def split_preferences(records: list[dict], heldout_fraction: float, seed: int = 
     """Copies of ``records`` where each one without a ``split`` gets ``train`` or ``heldout``:
     a ``heldout_fraction`` of the distinct (prompt, image) questions, drawn with ``seed``, is
     held out, so no question is in both splits. A given ``split`` must be one of the two."""
-    import random
-
     for index, record in enumerate(records):
         if record.get("split", "train") not in ("train", "heldout"):
             raise ValueError(f"preference record {index} ({record.get('id')!r}): split "
@@ -228,11 +230,6 @@ def preference_data(records, split: str, tokenizer, processor, model, scenes_by_
     JSON of any origin). A record without a ``split`` counts as ``train``. ``factual``: each
     prompt also carries its scene in words, for the factual reward model (world records).
     """
-    from companion.data.llava import open_image
-    from companion.preference import encode_preferences
-    from companion.vlm import image_seq_length
-    from companion.world import render_scene
-
     if scenes_by_id is None and image_folder is None:
         raise ValueError("preference_data needs scenes_by_id (world records) or image_folder "
                          "(records whose images are files)")
@@ -265,8 +262,6 @@ def train_reward_model(sft, data, pad_id: int, pooling: str = "mean", steps: int
     if offsets is not None and not len(offsets[0]) == len(offsets[1]) == len(data):
         raise ValueError(f"offsets for {len(offsets[0])} and {len(offsets[1])} pairs; the "
                          f"data has {len(data)}: give one chosen and one rejected score per pair")
-    from companion.preference import RewardModel, reward_model_loss, reward_trainable
-    from companion.train import TrainConfig, train
 
     torch.manual_seed(seed)
     model = RewardModel(copy.deepcopy(sft), pooling=pooling,
@@ -290,16 +285,11 @@ def _rm_config(recipe: RLHFRecipe) -> dict:
 def scene_facts(scenes_by_id: dict, scene_ids) -> list[str]:
     """What the factual reward model reads beside each image: its scene in words, the same
     sentence the LM read in place of images during its text-only pretraining."""
-    from companion.vlm import scene_as_text
-
     return [scene_as_text(scenes_by_id[i]) for i in scene_ids]
 
 
 def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
     """``(reward_model, history_steps)`` of ``recipe``: from the cache or trained now."""
-    from companion.artifacts import cached_artifact
-    from companion.preference import RewardModel
-
     recipe = recipe or RLHFRecipe()
     sft, processor, tokenizer = sft_model(cache_dir, recipe, device, log)
 
@@ -323,8 +313,6 @@ def reward_model(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=
 
 
 def ppo_config(recipe: RLHFRecipe, kl_coef: float | None = None):
-    from companion.ppo import PPOConfig
-
     beta = recipe.ppo_kl_coef if kl_coef is None else kl_coef
     return PPOConfig(iterations=recipe.ppo_iterations, batch_size=recipe.ppo_batch_size,
                      lr=recipe.ppo_lr, init_kl_coef=beta, adaptive_kl=beta > 0,
@@ -337,10 +325,6 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
     """PPO from a copy of ``sft`` against ``reward`` on the training prompts; the judge's
     verdicts on the rollouts are logged (``utility``, ``hallucinated``), never optimised.
     Returns ``(policy_vlm, history)``."""
-    from companion.ppo import PolicyWithValueHead, train_ppo
-    from companion.preference import judge_reply, score_replies
-    from companion.stages import set_trainable
-
     by_id, prompts, pixels, train_rows, _ = rlhf_prompts(
         recipe, processor, sft.config.vision_config.image_size)
     prompts = [prompts[i] for i in train_rows]
@@ -370,9 +354,6 @@ def run_ppo(recipe: RLHFRecipe, sft, reward, tokenizer, processor, kl_coef: floa
 
 def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=print):
     """``(policy_vlm, history_steps)``: the PPO policy of ``recipe``, cached."""
-    from companion.artifacts import cached_artifact
-    from companion.vlm import load_vlm, save_vlm
-
     recipe = recipe or RLHFRecipe()
     config = {"kind": "ppo-policy", "procedure": 1, "reward_model": _rm_config(recipe),
               "ppo": {k: v for k, v in recipe.to_dict().items()  # old keys stay as they were
@@ -393,10 +374,6 @@ def ppo_policy(cache_dir, recipe: RLHFRecipe | None = None, device="cpu", log=pr
 def heldout_prompts(recipe: RLHFRecipe, test_scenes: int, processor, image_size: int):
     """``(scenes_by_id, records, prompts, pixels)`` about 3.2's held-out scenes: the full
     records (for :func:`companion.instruction.evaluate_tasks`) and their first turns."""
-    from companion.clip import pixel_values_for
-    from companion.preference import preference_prompts
-    from companion.world import make_instruction_dataset, make_scenes, render_scene
-
     scenes = make_scenes(test_scenes, seed=recipe.sft.seed + 3, start_id=40_000_000)
     by_id = {s.scene_id: s for s in scenes}
     records = make_instruction_dataset(scenes, seed=recipe.sft.seed + 3)
@@ -433,9 +410,6 @@ def evaluate_policy(model, reference, reward, tokenizer, heldout, max_new_tokens
     ``scores`` (a :class:`~companion.instruction.TaskScores`) lets two rows be compared
     answer by answer (:func:`companion.evaluate.paired_difference`).
     """
-    from companion.ppo import sampled_kl
-    from companion.preference import score_replies
-
     by_id, _, prompts, pixels = heldout
     scores = evaluate_answers(model, tokenizer, heldout, max_new_tokens)
     first = {a["id"]: a["answer"] for a in scores.answers if a["turn"] == 0}
@@ -474,8 +448,6 @@ def versus_reference_model(scores: dict, base: str, max_accuracy_loss: float = 0
     standard errors and mean task accuracy fell by at most ``max_accuracy_loss``. A fall
     inside two standard errors is reported as no clear effect, not as help.
     """
-    from companion.evaluate import paired_difference, task_mean_difference, verdict
-
     if base not in scores:
         raise ValueError(f"versus_reference_model: no run named {base!r} among {list(scores)}")
     out = {}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
+import torch
+from transformers.utils import logging
+
 
 def pick_device(device: str = "auto"):
     """``"auto"`` picks CUDA, then Apple's MPS, then the CPU; anything else is used as given.
 
     Raises a clear error when a named accelerator is not available.
     """
-    import torch
-
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -37,9 +39,6 @@ def pick_device(device: str = "auto"):
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -48,10 +47,6 @@ def seed_everything(seed: int) -> None:
 def quiet_transformers() -> None:
     """No progress bars or info logs from ``save_pretrained`` / ``from_pretrained``: they
     would land in the notebooks' stored outputs and change from run to run."""
-    try:
-        from transformers.utils import logging
-    except ImportError:
-        return
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 
@@ -62,8 +57,6 @@ def setup(seed: int = 0, device: str = "auto", threads: int | None = 2, quiet: b
     A fixed thread count keeps CPU results bit-identical between runs, which the notebook
     regression tests (nbval) rely on. ``threads=None`` leaves torch's default.
     """
-    import torch
-
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads={threads} must be at least 1 (or None for the default)")

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from companion.lora import LORA_MARKER
+
 # parameter-name prefixes of each part of LlavaForConditionalGeneration
 PARTS = {
     "vision": ("model.vision_tower.",),
@@ -46,8 +48,6 @@ def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, int]:
     A part that carries LoRA adapters (:func:`companion.lora.add_lora`) trains its adapters
     only: its base weights stay frozen, which is the point of LoRA.
     """
-    from companion.lora import LORA_MARKER
-
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

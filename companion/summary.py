@@ -8,6 +8,7 @@ run shows as such, with the command that produces it: the summary never invents 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,6 @@ def metric_at(metrics: dict, path: str):
 def load_chapter_metrics(metrics_dir, chapters) -> dict[str, dict | None]:
     """Each chapter's metrics (``None`` when its file is missing). A file that exists but
     is not valid JSON is an error naming it: a summary must not silently drop a chapter."""
-    import json
-
     out = {}
     for chapter in chapters:
         path = Path(metrics_dir) / f"{chapter}.json"

@@ -21,11 +21,21 @@ at all gets LLaVA-1.5's own conversation format (:data:`LLAVA_V1_TEMPLATE`), and
 from __future__ import annotations
 
 import os
+import re
+import weakref
 from collections.abc import Iterable
+from html import escape
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from companion.artifacts import cached_artifact
+from companion.data.llava import IMAGE_PLACEHOLDER
+from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, scene_captions
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_PLACEHOLDER  # the data's <image> placeholder is one special token
 USER, ASSISTANT, SYSTEM, END_OF_TURN = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
 # Order fixes the ids: pad 0, unk 1, bos 2, eos 3. (Hugging Face's CLIP text model treats
 # eos_token_id == 2 as a legacy config and pools at argmax(input_ids) instead of at the eos.)
@@ -94,8 +104,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 600, min_frequency: 
     as in GPT-2; the world's small closed vocabulary makes most words single tokens.
     Training is deterministic for the same texts in the same order.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
@@ -120,8 +128,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 600, min_frequency: 
 
 def wrap_tokenizer(core):
     """Wrap a ``tokenizers.Tokenizer`` with the special tokens and the chat template."""
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
@@ -138,8 +144,6 @@ def wrap_tokenizer(core):
 
 def load_tokenizer(path: str | os.PathLike):
     """Load a tokenizer saved with ``save_pretrained`` (ours or any checkpoint's)."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tokenizer there; train one with train_tokenizer()")
@@ -164,8 +168,6 @@ def to_chat_messages(conversations: list[dict]) -> list[dict]:
 
 def has_generation_markers(tokenizer) -> bool:
     """Whether the tokenizer's chat template marks assistant text with ``{% generation %}``."""
-    import re
-
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: the default one is used
         template = template.get("default", "")
@@ -178,10 +180,8 @@ def prepare_tokenizer(tokenizer) -> int:
     Adds ``<image>`` as a special token when it is missing, uses eos as the pad token when
     there is none, and gives a tokenizer without a chat template LLaVA-1.5's format
     (:data:`LLAVA_V1_TEMPLATE`). Returns how many tokens were added: the caller must grow the
-    model's embeddings to ``len(tokenizer)`` (:func:`companion.vlm.fit_embeddings`).
+    model's embeddings to ``len(tokenizer)`` (:func:`fit_embeddings`).
     """
-    from tokenizers import AddedToken
-
     added = 0
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tokenizer.unk_token_id:
@@ -296,8 +296,6 @@ def encode_chat(tokenizer, conversations: list[dict]) -> dict:
 def world_corpus(n_scenes: int = 2000, seed: int = 12345) -> list[str]:
     """Text of the shapes world the tokenizer is trained on: every caption phrasing and
     every turn of instruction samples of all six task types."""
-    from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, scene_captions
-
     scenes = make_scenes(n_scenes, seed=seed)
     texts = [caption for scene in scenes for caption in scene_captions(scene)]
     records = make_instruction_dataset(scenes, tasks=TASK_TYPES, samples_per_scene=1, seed=seed)
@@ -308,8 +306,6 @@ def world_corpus(n_scenes: int = 2000, seed: int = 12345) -> list[str]:
 def world_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 600,
                     n_scenes: int = 2000, seed: int = 12345, log=print):
     """The world's tokenizer, trained once and cached (keyed by its config)."""
-    from companion.artifacts import cached_artifact
-
     config = {"kind": "world-bpe", "vocab_size": vocab_size, "n_scenes": n_scenes,
               "seed": seed, "template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
 
@@ -321,8 +317,6 @@ def world_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 600,
 
 def assistant_mask_html(tokenizer, encoded: dict) -> str:
     """HTML of a tokenised conversation: tokens that carry loss green, the rest grey."""
-    from html import escape
-
     spans = []
     for token_id, in_loss in zip(encoded["input_ids"], encoded["assistant_mask"]):
         text = tokenizer.decode([token_id]).replace("\n", "⏎")
@@ -334,3 +328,52 @@ def assistant_mask_html(tokenizer, encoded: dict) -> str:
               '<span style="background:#e6e6e6;padding:1px 4px">everything else: label = -100'
               '</span></p>')
     return legend + '<div style="line-height:2">' + "".join(spans) + "</div>"
+
+
+# ----------------------------------------------------------------------------- model-side ids
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant reply: ``<|end|>`` for the world's tokenizer, else
+    the token the chat template closes a reply with (``<|im_end|>``, ``<|eot_id|>``...),
+    else eos (LLaVA-1.5's ``</s>``)."""
+    ids = tokenizer.convert_tokens_to_ids([END_OF_TURN])
+    if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return int(ids[0])
+    # rendering the template costs a few hundred microseconds and decoding asks for every
+    # reply, so the answer is kept per tokenizer object, for its current template and size
+    state = (str(tokenizer.chat_template), len(tokenizer))
+    known = _END_OF_TURN.get(tokenizer)
+    if known is None or known[0] != state:
+        found = template_end_of_turn(tokenizer) if tokenizer.chat_template else None
+        if found is None and tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer's chat template ends a reply with no special token "
+                             "and it has no eos token; set tokenizer.eos_token")
+        known = (state, int(found if found is not None else tokenizer.eos_token_id))
+        _END_OF_TURN[tokenizer] = known
+    return known[1]
+
+
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fit_embeddings(model, tokenizer) -> int:
+    """Grow ``model``'s token embeddings (and output layer) to ``len(tokenizer)`` after
+    :func:`companion.tokenizer.prepare_tokenizer` added tokens; return how many rows were
+    added (new rows start at the mean of the old ones, as transformers does)."""
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= current:
+        return 0
+    model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return len(tokenizer) - current
+
+
+def image_token_id(tokenizer) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; add it with "
+                         "tokenizer.add_special_tokens({'additional_special_tokens': "
+                         f"['{IMAGE_TOKEN}']}})"
+                         " and resize the LM's embeddings")
+    return int(token_id)

@@ -14,7 +14,6 @@ does in the single-process notebooks.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -23,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gc
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from companion.distributed import rank_and_world
 
 
 @dataclass
@@ -337,7 +341,6 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
     warmup = int(round(config.warmup_fraction * config.steps))
     history = history or History()
-    from companion.distributed import rank_and_world
 
     rank, world = rank_and_world()
     first = 0
@@ -349,8 +352,6 @@ def train(
             print_fn(f"resumed from {checkpoint.path} at step {first}/{config.steps}")
     forward, ddp = loss_fn, None
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         # find_unused_parameters: a trainable parameter the loss does not use (CLIPModel's own
         # logit_scale, when ClipLoss owns the temperature) would otherwise hold back its
         # gradient bucket, and DDP would average nothing; the price is one graph walk a step
@@ -362,8 +363,6 @@ def train(
            if config.autocast and device.type == "cuda" else nullcontext())
     bar = None
     if config.progress and rank == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.steps, initial=first, desc="training", leave=False)
     print_fn = print_fn if rank == 0 else (lambda _: None)
     model.train()

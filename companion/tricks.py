@@ -24,6 +24,10 @@ import copy
 import random
 from collections.abc import Sequence
 
+import torch
+
+from companion.clip import evaluate_retrieval
+
 
 def select_tasks(records: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
     """The records of the given task types, in their order. A requested task type with no
@@ -98,16 +102,12 @@ def vision_alignment(clip, vlm, data) -> dict[str, float]:
     """Held-out retrieval (R@1, R@5 both ways) of CLIP with ``vlm``'s vision tower put back
     in: how much of the image-text alignment learned in pre-training the VLM's training kept.
     ``data`` is a :class:`companion.clip.CaptionData` of held-out scenes."""
-    from companion.clip import evaluate_retrieval
-
     return evaluate_retrieval(clip_with_vision_tower(clip, vlm), data)
 
 
 def vision_drift(vlm, clip) -> float:
     """Relative change of the vision tower's weights: ||W_vlm - W_clip|| / ||W_clip||, over
     every vision parameter (0 when it was frozen)."""
-    import torch
-
     before = clip.vision_model.state_dict()
     after = vlm.model.vision_tower.state_dict()
     num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before)

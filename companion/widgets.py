@@ -6,16 +6,15 @@ figure is testable headless and renders in static HTML.
 
 from __future__ import annotations
 
+import ipywidgets as widgets
 import matplotlib.pyplot as plt
+from IPython.display import display
+
+from companion.plots import plot_dpo_losses, plot_row_softmax
 
 
 def temperature_slider(similarity, rows: int = 4, value: float = 0.07):
     """A log-scale slider on τ that redraws each row's softmax (InfoNCE's view of a batch)."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    from companion.plots import plot_row_softmax
-
     slider = widgets.FloatLogSlider(value=value, base=10, min=-2.5, max=0.5, step=0.05,
                                     description="τ", continuous_update=False)
     output = widgets.Output()
@@ -35,11 +34,6 @@ def temperature_slider(similarity, rows: int = 4, value: float = 0.07):
 
 def dpo_beta_slider(value: float = 0.1):
     """A log-scale slider on DPO's β that redraws every variant's loss against h."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    from companion.plots import plot_dpo_losses
-
     slider = widgets.FloatLogSlider(value=value, base=10, min=-2, max=1, step=0.05,
                                     description="β", continuous_update=False)
     output = widgets.Output()

@@ -34,7 +34,9 @@ def _smoke_stage():
     from companion.instruction import encode_stage_data
     from companion.models import TinyClipConfig, build_clip
     from companion.tokenizer import train_tokenizer, world_corpus
-    from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length
+    from companion.llava import image_seq_length
+    from companion.lm import TinyLMConfig, build_lm
+    from companion.vlm import build_vlm
     from companion.world import make_instruction_dataset, make_scenes
 
     tokenizer = train_tokenizer(world_corpus(40, seed=1), vocab_size=400)
@@ -58,10 +60,10 @@ def _run_stage(folder: Path, after_step=None):
 
     model, data, tokenizer = _smoke_stage()
     if after_step is not None:  # the test's kill switch, run after each optimiser step
-        import companion.train as train_module
+        import companion.instruction as instruction_module  # train_stage calls its `train`
 
-        real = train_module.train
-        train_module.train = lambda *a, **k: real(*a, **{**k, "after_step": after_step})
+        real = instruction_module.train
+        instruction_module.train = lambda *a, **k: real(*a, **{**k, "after_step": after_step})
     history = train_stage(model, "stage2", data, STEPS, 2e-3, BATCH, 0, tokenizer.pad_token_id,
                           "cpu", log=None, checkpoint=Checkpointing(folder / "ckpt.pt", EVERY))
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -8,7 +8,9 @@ from companion.losses.generation import (IGNORE_INDEX, caption_inputs, generate_
 from companion.models import TinyClipConfig, build_clip
 from companion.tokenizer import train_tokenizer, world_corpus
 from companion.train import TrainConfig, train
-from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_token_id
+from companion.lm import TinyLMConfig, build_lm
+from companion.tokenizer import image_token_id
+from companion.vlm import build_vlm
 from companion.world import make_scenes, render_scene, scene_captions
 
 N_IMAGE = 4
@@ -130,7 +132,7 @@ def test_a_tokenizer_without_bos_starts_the_caption_after_the_vision_tokens():
     from foreign_tokenizers import foreign_tokenizer
 
     from companion.tokenizer import prepare_tokenizer
-    from companion.vlm import image_token_id
+    from companion.tokenizer import image_token_id
 
     tokenizer = foreign_tokenizer()
     prepare_tokenizer(tokenizer)

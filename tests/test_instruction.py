@@ -5,16 +5,18 @@ import warnings
 import pytest
 import torch
 
-from companion.instruction import (IGNORE_INDEX, LlavaCollator, NoTargetError, build_example,
-                                   encode_records, evaluate_tasks, generate_replies,
-                                   generate_tokens,
-                                   instruction_tuning_step, pad_examples)
+from companion.answers import evaluate_tasks, generate_replies, generate_tokens
+from companion.batching import IGNORE_INDEX, pad_examples
+from companion.instruction import (LlavaCollator, NoTargetError, build_example, encode_records,
+                                   instruction_tuning_step)
 from companion.models import TinyClipConfig, build_clip
 from companion.stages import apply_stage, part_of, set_trainable, trainable_summary
 from companion.tokenizer import ASSISTANT, END_OF_TURN, USER, world_corpus, train_tokenizer
 from companion.train import TrainConfig, train
-from companion.vlm import (TinyLMConfig, build_lm, build_vlm, end_of_turn_id, image_seq_length,
-                           image_token_id, load_vlm, save_vlm, text_only_conversations)
+from companion.llava import image_seq_length
+from companion.lm import TinyLMConfig, build_lm, text_only_conversations
+from companion.tokenizer import end_of_turn_id, image_token_id
+from companion.vlm import build_vlm, load_vlm, save_vlm
 from companion.world import make_instruction_dataset, make_scenes, render_scene
 
 CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=1,
@@ -244,7 +246,7 @@ def test_evaluate_tasks_judges_every_turn(tokenizer, vlm):
 def test_a_text_only_lm_is_scored_on_the_scene_in_words(tokenizer, vlm):
     """pixel_values=None: the text-pretrained LM answers with the scene written out, and
     its replies are the greedy continuation of exactly those prompt tokens."""
-    from companion.instruction import prompt_ids
+    from companion.answers import prompt_ids
 
     lm, _ = build_lm(tokenizer, sizes=LM_SIZES, seed=0)
     scenes = make_scenes(2, seed=12)
@@ -288,7 +290,7 @@ def test_pad_examples_left_and_errors():
 
 
 def test_text_pretrained_lm_is_cached_and_learns(tmp_path, tokenizer):
-    from companion.vlm import LMRecipe, pretrained_lm
+    from companion.lm import LMRecipe, pretrained_lm
 
     recipe = LMRecipe(scenes=20, steps=15, batch_size=4, lr=3e-3, sizes=LM_SIZES)
     messages = []
@@ -457,7 +459,7 @@ def test_the_lm_size_reaches_the_lm_recipe_and_the_cache_key():
     """lm_layers builds the LM it names and keys the instruction-tuned model by it; at its
     default the keys are those of the runs cached before the field existed."""
     from companion.instruction import InstructionRecipe, _instruction_artifact_config
-    from companion.vlm import TinyLMConfig
+    from companion.lm import TinyLMConfig
 
     deep = InstructionRecipe(lm_layers=4)
     assert deep.lm_recipe().sizes == TinyLMConfig(layers=4)

@@ -10,7 +10,10 @@ from companion.llava import (VisionFeatureCache, inputs_embeds, merge_image_toke
 from companion.models import TinyClipConfig, build_clip
 from companion.stages import apply_stage
 from companion.tokenizer import train_tokenizer, world_corpus
-from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length, image_token_id
+from companion.llava import image_seq_length
+from companion.lm import TinyLMConfig, build_lm
+from companion.tokenizer import image_token_id
+from companion.vlm import build_vlm
 from companion.world import make_instruction_dataset, make_scenes, render_scene
 
 CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=2,

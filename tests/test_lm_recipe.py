@@ -6,10 +6,10 @@ from dataclasses import asdict
 
 import pytest
 
-from companion.instruction import IGNORE_INDEX
+from companion.batching import IGNORE_INDEX
 from companion.tokenizer import END_OF_TURN, encode_chat, train_tokenizer, world_corpus
-from companion.vlm import (SCENE_PREFIX, LMRecipe, TinyLMConfig, lm_corpus, lm_reply_labels,
-                           lm_training_examples, scene_as_text)
+from companion.lm import (SCENE_PREFIX, LMRecipe, TinyLMConfig, lm_corpus, lm_reply_labels,
+                          lm_training_examples, scene_as_text)
 
 TINY = dict(scenes=12, sizes=TinyLMConfig(hidden_size=32, layers=1, heads=2,
                                           intermediate_size=64))
@@ -124,24 +124,25 @@ def test_impossible_lm_recipes_are_refused(bad, message):
 
 def test_the_lm_is_measured_part_way_and_its_curve_is_cached_with_it(tokenizer, tmp_path,
                                                                       monkeypatch):
-    import companion.vlm as vlm
-    from companion.instruction import evaluate_tasks
+    import companion.lm as lm_module
+    from companion.answers import evaluate_tasks
     from companion.world import TASK_TYPES, make_scenes
 
-    monkeypatch.setattr(vlm, "LM_CURVE_STEPS", (2, 4, 9))  # 9: past the end, left out
-    monkeypatch.setattr(vlm, "LM_CURVE_SCENES", 2)
+    monkeypatch.setattr(lm_module, "LM_CURVE_STEPS", (2, 4, 9))  # 9: past the end, left out
+    monkeypatch.setattr(lm_module, "LM_CURVE_SCENES", 2)
     recipe = LMRecipe(steps=6, batch_size=2, **TINY)
-    model, history, curve = vlm.pretrained_lm(tmp_path, tokenizer, recipe, log=None,
+    model, history, curve = lm_module.pretrained_lm(tmp_path, tokenizer, recipe, log=None,
                                               with_curve=True)
     assert [point["step"] for point in curve] == [2, 4, 6]
     assert [point["tokens"] for point in curve] == pytest.approx(  # (each rounded)
         [curve[0]["tokens"] * k for k in (1, 2, 3)], abs=2)
     assert all(point["by_task"] and set(point["by_task"]) <= set(TASK_TYPES) for point in curve)
     # the last point measured the model that was saved: the loaded one scores the same
-    records, by_id = vlm.told_in_words(make_scenes(2, seed=3, start_id=40_000_000), 3)
-    assert evaluate_tasks(model, tokenizer, records, by_id, None,
-                          max_new_tokens=vlm.LM_CURVE_MAX_NEW_TOKENS).mean_task_accuracy() == (
-        curve[-1]["mean_task_accuracy"])
+    records, by_id = lm_module.told_in_words(make_scenes(2, seed=3, start_id=40_000_000), 3)
+    scores = evaluate_tasks(model, tokenizer, records, by_id, None,
+                            max_new_tokens=lm_module.LM_CURVE_MAX_NEW_TOKENS)
+    assert scores.mean_task_accuracy() == curve[-1]["mean_task_accuracy"]
     assert len(history) == 6
-    monkeypatch.setattr(vlm, "pretrain_lm_with_curve", None)  # a second call must not train
-    assert vlm.pretrained_lm(tmp_path, tokenizer, recipe, log=None, with_curve=True)[2] == curve
+    monkeypatch.setattr(lm_module, "pretrain_lm_with_curve", None)  # a second call must not train
+    again = lm_module.pretrained_lm(tmp_path, tokenizer, recipe, log=None, with_curve=True)
+    assert again[2] == curve

@@ -14,7 +14,8 @@ from companion.models import TinyClipConfig, build_clip  # noqa: E402
 from companion.stages import apply_stage, part_of, trainable_summary  # noqa: E402
 from companion.tokenizer import train_tokenizer, world_corpus  # noqa: E402
 from companion.train import TrainConfig, train  # noqa: E402
-from companion.vlm import TinyLMConfig, build_lm, build_vlm, load_vlm, save_vlm  # noqa: E402
+from companion.lm import TinyLMConfig, build_lm
+from companion.vlm import build_vlm, load_vlm, save_vlm
 from companion.world import make_instruction_dataset, make_scenes, render_scene  # noqa: E402
 
 CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=1,

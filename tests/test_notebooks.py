@@ -314,7 +314,8 @@ def test_notebooks_run_on_tiny_checkpoints_through_the_real_model_parameters(tmp
 
     from companion.models import build_clip
     from companion.tokenizer import world_tokenizer
-    from companion.vlm import build_lm, build_vlm, save_vlm
+    from companion.lm import build_lm
+    from companion.vlm import build_vlm, save_vlm
     from companion.preference import label_preferences, preference_prompts, save_preferences
     from companion.rlhf import split_preferences
     from companion.world import export_llava_dataset, make_instruction_dataset, make_scenes

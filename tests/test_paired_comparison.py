@@ -10,7 +10,7 @@ import pytest
 
 import companion
 from companion.evaluate import paired_difference, task_mean_difference, verdict
-from companion.instruction import TaskScores
+from companion.answers import TaskScores
 
 
 def _scores(correct, hallucinated=None, task="counting"):

@@ -10,7 +10,8 @@ from companion.probe import (IGNORE, PROBE_ATTRIBUTES, cell_groups, cell_labels,
                              description_cell_accuracy, probe_accuracy, train_probe,
                              vision_tokens)
 from companion.tokenizer import train_tokenizer, world_corpus
-from companion.vlm import TinyLMConfig, build_lm, build_vlm
+from companion.lm import TinyLMConfig, build_lm
+from companion.vlm import build_vlm
 from companion.world import (COLORS, REGIONS, SHAPES, Scene, SceneObject, canonical_caption,
                              make_scenes, render_scene)
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from companion.dpo import DPOConfig, dpo_batch_loss, reference_logps, reply_logps, train_dpo
-from companion.instruction import IGNORE_INDEX, InstructionRecipe, generate_tokens
+from companion.answers import generate_tokens
+from companion.batching import IGNORE_INDEX
+from companion.instruction import InstructionRecipe
 from companion.models import TinyClipConfig, build_clip
 from companion.ppo import (PolicyWithValueHead, PPOConfig, reference_reply_logps,
                            reply_logps_values, rollout, train_ppo)
@@ -19,7 +21,10 @@ from companion.preference import (RewardModel, encode_preferences, label_prefere
                                   score_replies, validate_preference_records)
 from companion.rlhf import RLHFRecipe, train_reward_model
 from companion.tokenizer import train_tokenizer, world_corpus
-from companion.vlm import TinyLMConfig, build_lm, build_vlm, image_seq_length, image_token_id
+from companion.llava import image_seq_length
+from companion.lm import TinyLMConfig, build_lm
+from companion.tokenizer import image_token_id
+from companion.vlm import build_vlm
 from companion.world import make_scenes, render_scene
 
 CLIP_SIZES = TinyClipConfig(image_size=16, patch_size=8, vision_width=32, vision_layers=1,
@@ -647,7 +652,7 @@ def test_a_preference_file_is_split_by_question_and_keyed_by_its_content(tmp_pat
 
 
 def _judged(correct, hallucinated, tasks=("counting", "ocr")):
-    from companion.instruction import TaskScores
+    from companion.answers import TaskScores
 
     return TaskScores([{"id": f"r{i}", "task": tasks[i % len(tasks)], "turn": 0, "correct": bool(c),
                         "hallucinations": ["x"] if h else []}

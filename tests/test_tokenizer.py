@@ -150,7 +150,7 @@ def test_a_tokenizer_without_template_gets_llava_v1_and_its_eos_ends_each_reply(
     from foreign_tokenizers import foreign_tokenizer
 
     from companion.tokenizer import LLAVA_V1_SYSTEM, LLAVA_V1_TEMPLATE, prepare_tokenizer
-    from companion.vlm import end_of_turn_id
+    from companion.tokenizer import end_of_turn_id
 
     tokenizer = foreign_tokenizer(None)
     assert tokenizer.pad_token is None and IMAGE_TOKEN not in tokenizer.get_vocab()
@@ -169,7 +169,7 @@ def test_a_tokenizer_without_template_gets_llava_v1_and_its_eos_ends_each_reply(
 def test_end_of_turn_comes_from_the_template(tokenizer):
     from foreign_tokenizers import CHATML, foreign_tokenizer
 
-    from companion.vlm import end_of_turn_id
+    from companion.tokenizer import end_of_turn_id
 
     chatml = foreign_tokenizer(CHATML)
     assert chatml.convert_ids_to_tokens(end_of_turn_id(chatml)) == "<|im_end|>"
@@ -188,7 +188,8 @@ def test_a_template_that_rewrites_earlier_replies_is_refused_with_the_fix():
 def test_a_checkpoints_lm_gets_the_image_token_and_grown_embeddings(tmp_path):
     from foreign_tokenizers import save_foreign_lm
 
-    from companion.vlm import build_lm, image_token_id
+    from companion.lm import build_lm
+    from companion.tokenizer import image_token_id
 
     save_foreign_lm(tmp_path / "lm")
     model, tokenizer = build_lm(checkpoint=str(tmp_path / "lm"))

@@ -64,7 +64,8 @@ def test_vision_measures_see_an_unchanged_and_a_changed_tower(tmp_path):
     from companion.clip import build_caption_data, evaluate_retrieval
     from companion.models import build_clip
     from companion.tokenizer import world_tokenizer
-    from companion.vlm import build_lm, build_vlm
+    from companion.lm import build_lm
+    from companion.vlm import build_vlm
 
     tokenizer = world_tokenizer(tmp_path, n_scenes=40, log=None)
     clip, processor, _ = build_clip(tokenizer)

@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PureWindowsPath
 
+from PIL import Image, UnidentifiedImageError
+
 from companion.data.files import DataFileError, read_json_records
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -303,8 +305,6 @@ def open_image(image_folder, relative: str, where: str = "record"):
     """The RGB image at ``image_folder / relative`` (a record's ``"image"``, or a preference
     record's ``images[0]``), with an error naming the record and the file if it cannot be
     read."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(image_folder) / relative
     try:
         with Image.open(path) as image:

@@ -220,7 +220,7 @@ def _path_rows(path: Path) -> list[tuple[str, dict]]:
         return _dataset_rows(dataset, where, datasets)
     if path.suffix.lower() == ".parquet":
         datasets = import_datasets(f"reading the Parquet file {path}")
-        import pyarrow.parquet
+        import pyarrow.parquet  # comes with the optional datasets (the `data` extra)
 
         # read in memory (no copy in the datasets cache); the schema keeps the Image feature
         table = datasets.table.InMemoryTable(pyarrow.parquet.read_table(path))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from companion.batching import IGNORE_INDEX, pad_examples
 
 
 def _caption_start(tokenizer) -> list[int]:
@@ -38,7 +38,6 @@ def caption_inputs(tokenizer, captions: Sequence[str], n_image_tokens: int, imag
     start = _caption_start(tokenizer)
     if not captions:
         raise ValueError("caption_inputs got no captions")
-    from companion.instruction import pad_examples
 
     examples = []
     for index, caption in enumerate(captions):

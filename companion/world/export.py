@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from companion.data.llava import load_llava_json, save_llava_json
 from companion.world.render import scene_png_bytes
 from companion.world.scenes import Scene
 
@@ -22,8 +23,6 @@ def export_llava_dataset(scenes: Sequence[Scene], records: Sequence[dict], out_d
     (the records, validated, images checked) and ``out_dir/scenes.json`` (the ground truth,
     so the judge can run on the loaded data).
     """
-    from companion.data.llava import save_llava_json
-
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for scene in scenes:
@@ -39,8 +38,6 @@ def export_llava_dataset(scenes: Sequence[Scene], records: Sequence[dict], out_d
 
 def load_world_dataset(out_dir) -> tuple[list[dict], list[Scene]]:
     """Load what :func:`export_llava_dataset` wrote: ``(records, scenes)``, validated."""
-    from companion.data.llava import load_llava_json
-
     out = Path(out_dir)
     records = load_llava_json(out / "data.json", image_folder=out, check_images=True)
     path = out / "scenes.json"

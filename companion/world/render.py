@@ -6,14 +6,14 @@ from __future__ import annotations
 import functools
 import io
 
+from PIL import Image, ImageDraw, ImageFont
+
 from companion.world.scenes import (COLORS, DEFAULT_BACKGROUND, REGIONS, SUPERSAMPLE, TEXT_COLOR,
                                     Scene)
 
 
 @functools.lru_cache(maxsize=16)
 def _font(pixels: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=pixels)  # Pillow ≥ 10.1 with FreeType: scalable
     except (TypeError, ImportError, OSError):
@@ -26,8 +26,6 @@ def render_scene(scene: Scene, image_size: int = 64, background=None):
     Shapes are filled; the word is black, centred in its cell. Drawing happens at 4× the
     size and is reduced with a box filter, so edges are smooth and bytes deterministic.
     """
-    from PIL import Image, ImageDraw
-
     if image_size < 8:
         raise ValueError(f"image_size={image_size} is too small to draw a scene")
     canvas = image_size * SUPERSAMPLE

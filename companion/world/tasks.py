@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 
-from companion.tokenizer import IMAGE_TOKEN
+from companion.data.llava import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from companion.world.captions import canonical_caption
 from companion.world.phrases import (box_text, capitalised, count_objects, count_phrase,
                                      noun_phrase, number_word, reference, there_is)
