@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -293,6 +293,29 @@ class InstructionRecipe:
                         scenes=self.lm_scenes, steps=self.lm_steps, loss_on=self.lm_loss_on,
                         questions_per_conversation=self.lm_questions_per_conversation,
                         answer_style=self.answer_style, max_length=512 if merged else 256)
+
+
+# notebook 3.2's parameters that make its recipe, each named as the field it sets
+NOTEBOOK_PARAMETERS = ("seed", "tokenizer_scenes", "clip_train_scenes", "clip_steps",
+                       "clip_batch_size", "lm_scenes", "lm_steps", "train_scenes",
+                       "stage1_steps", "stage1_lr", "stage2_steps", "stage2_lr", "batch_size",
+                       "questions_per_conversation", "merge_patches")
+
+
+def recipe_from_parameters(parameters: dict, names: dict[str, str] | None = None,
+                           base: InstructionRecipe | None = None) -> InstructionRecipe:
+    """Section 3.2's recipe from a notebook's parameters (e.g. its ``globals()``).
+
+    ``names`` maps a parameter's name to the recipe field it sets (default: 3.2's
+    :data:`NOTEBOOK_PARAMETERS`, named as the fields); a parameter the notebook does not
+    declare keeps ``base``'s value (default: :class:`InstructionRecipe`'s defaults), and
+    other names are ignored. The 3.3 notebooks reach their starting model's recipe through
+    here too (:func:`companion.rlhf.recipe_from_parameters`), so the same parameters always
+    give the same cache key."""
+    names = names if names is not None else {name: name for name in NOTEBOOK_PARAMETERS}
+    base = base if base is not None else InstructionRecipe()
+    return replace(base, **{field_name: parameters[name] for name, field_name in names.items()
+                            if name in parameters})
 
 
 def instruction_records(recipe: InstructionRecipe) -> tuple[dict, list[dict]]:

@@ -29,6 +29,7 @@ from companion.data.files import content_sha256
 from companion.data.llava import open_image
 from companion.evaluate import paired_difference, task_mean_difference, verdict
 from companion.instruction import InstructionRecipe, instruction_tuned_vlm
+from companion.instruction import recipe_from_parameters as instruction_recipe_from_parameters
 from companion.llava import image_seq_length
 from companion.lm import scene_as_text
 from companion.ppo import PolicyWithValueHead, PPOConfig, sampled_kl, train_ppo
@@ -485,47 +486,34 @@ def headline_changes(method: str, change: dict, base_hallucination_rate: float) 
             f"{method}_task_accuracy_change": change["accuracy_change"]}
 
 
-# parameter name in the 3.3 notebooks -> (recipe, field)
-_NOTEBOOK_PARAMETERS = {
-    "seed": [("sft", "seed"), ("rlhf", "seed")],
-    "tokenizer_scenes": [("sft", "tokenizer_scenes")],
-    "clip_train_scenes": [("sft", "clip_train_scenes")],
-    "clip_steps": [("sft", "clip_steps")],
-    "clip_batch_size": [("sft", "clip_batch_size")],
-    "lm_scenes": [("sft", "lm_scenes")],
-    "lm_steps": [("sft", "lm_steps")],
-    "sft_train_scenes": [("sft", "train_scenes")],
-    "sft_stage1_steps": [("sft", "stage1_steps")],
-    "sft_stage2_steps": [("sft", "stage2_steps")],
-    "sft_batch_size": [("sft", "batch_size")],
-    "sft_merge_patches": [("sft", "merge_patches")],
-    "preference_scenes": [("rlhf", "scenes")],
-    "samples": [("rlhf", "samples")],
-    "max_new_tokens": [("rlhf", "max_new_tokens")],
-    "pairs": [("rlhf", "pairs")],
-    "rm_steps": [("rlhf", "rm_steps")],
-    "rm_lr": [("rlhf", "rm_lr")],
-    "ppo_iterations": [("rlhf", "ppo_iterations")],
-    "ppo_batch_size": [("rlhf", "ppo_batch_size")],
-    "ppo_lr": [("rlhf", "ppo_lr")],
-    "ppo_kl_coef": [("rlhf", "ppo_kl_coef")],
-    "sft_checkpoint": [("rlhf", "sft_checkpoint")],
-    "preference_json": [("rlhf", "preference_json")],
-    "image_folder": [("rlhf", "image_folder")],
-    "rm_factual": [("rlhf", "rm_factual")],
-    "rm_pooling": [("rlhf", "rm_pooling")],
-    "ppo_score_norm": [("rlhf", "ppo_score_norm")],
-    "annotator_hallucination_rate": [("sft", "annotator_hallucination_rate")],
+# parameter name in the 3.3 notebooks -> the field of the starting model's recipe it sets
+_SFT_PARAMETERS = {
+    "seed": "seed", "tokenizer_scenes": "tokenizer_scenes",
+    "clip_train_scenes": "clip_train_scenes", "clip_steps": "clip_steps",
+    "clip_batch_size": "clip_batch_size", "lm_scenes": "lm_scenes", "lm_steps": "lm_steps",
+    "sft_train_scenes": "train_scenes", "sft_stage1_steps": "stage1_steps",
+    "sft_stage2_steps": "stage2_steps", "sft_batch_size": "batch_size",
+    "sft_merge_patches": "merge_patches",
+    "annotator_hallucination_rate": "annotator_hallucination_rate",
+}
+# parameter name in the 3.3 notebooks -> the field of RLHFRecipe it sets
+_RLHF_PARAMETERS = {
+    "seed": "seed", "preference_scenes": "scenes", "samples": "samples",
+    "max_new_tokens": "max_new_tokens", "pairs": "pairs", "rm_steps": "rm_steps",
+    "rm_lr": "rm_lr", "ppo_iterations": "ppo_iterations", "ppo_batch_size": "ppo_batch_size",
+    "ppo_lr": "ppo_lr", "ppo_kl_coef": "ppo_kl_coef", "sft_checkpoint": "sft_checkpoint",
+    "preference_json": "preference_json", "image_folder": "image_folder",
+    "rm_factual": "rm_factual", "rm_pooling": "rm_pooling", "ppo_score_norm": "ppo_score_norm",
 }
 
 
 def recipe_from_parameters(parameters: dict) -> RLHFRecipe:
     """The section's recipe from a 3.3 notebook's parameters (by their names in the
     parameters cell; names a notebook does not declare keep the defaults). Every 3.3
-    notebook builds its recipe here, so the same parameters always give the same cache keys."""
-    fields: dict[str, dict] = {"sft": {}, "rlhf": {}}
-    for name, targets in _NOTEBOOK_PARAMETERS.items():
-        if name in parameters:
-            for recipe, field_name in targets:
-                fields[recipe][field_name] = parameters[name]
-    return RLHFRecipe(sft=replace(RLHFRecipe().sft, **fields["sft"]), **fields["rlhf"])
+    notebook builds its recipe here, so the same parameters always give the same cache keys;
+    the starting model's part goes through 3.2's own
+    :func:`companion.instruction.recipe_from_parameters`."""
+    sft = instruction_recipe_from_parameters(parameters, _SFT_PARAMETERS, base=RLHFRecipe().sft)
+    return RLHFRecipe(sft=sft, **{field_name: parameters[name]
+                                  for name, field_name in _RLHF_PARAMETERS.items()
+                                  if name in parameters})

@@ -1,6 +1,7 @@
 """Instruction tuning: labels token by token, truncation, freeze policies, the VLM."""
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -475,3 +476,20 @@ def test_the_lm_size_reaches_the_lm_recipe_and_the_cache_key():
     assert _instruction_artifact_config(merged) != _instruction_artifact_config(plain)
     with pytest.raises(ValueError, match="merge_patches=0"):
         InstructionRecipe(merge_patches=0)
+
+
+def test_recipe_from_parameters_maps_names_keeps_base_and_ignores_the_rest():
+    from companion.instruction import (NOTEBOOK_PARAMETERS, InstructionRecipe,
+                                       recipe_from_parameters)
+
+    assert recipe_from_parameters({}) == InstructionRecipe()
+    values = {"stage2_steps": 7, "merge_patches": 1, "lr_of_something_else": 3, "seed": 4}
+    recipe = recipe_from_parameters(values)
+    assert (recipe.stage2_steps, recipe.merge_patches, recipe.seed) == (7, 1, 4)
+    assert replace(recipe, stage2_steps=InstructionRecipe().stage2_steps, merge_patches=(
+        InstructionRecipe().merge_patches), seed=0) == InstructionRecipe()
+    assert all(hasattr(InstructionRecipe(), name) for name in NOTEBOOK_PARAMETERS)
+    base = InstructionRecipe(annotator_hallucination_rate=0.5)
+    renamed = recipe_from_parameters({"sft_train_scenes": 11, "train_scenes": 99},
+                                     names={"sft_train_scenes": "train_scenes"}, base=base)
+    assert renamed == replace(base, train_scenes=11)

@@ -270,11 +270,31 @@ def _chapter_parameters(chapter_id: str, profile: str) -> dict:
     return values
 
 
+def test_notebook_3_2_builds_the_recipe_the_package_builds_from_its_parameters():
+    """Until notebook 3.2 calls ``instruction.recipe_from_parameters`` itself (its next
+    re-execution), its cell spells the recipe out: every field it sets must be one of
+    ``NOTEBOOK_PARAMETERS``, from the parameter of the same name, and none may be missing."""
+    import ast
+
+    from companion.instruction import NOTEBOOK_PARAMETERS
+
+    source = Path(CHAPTERS["3.2"].notebook).with_suffix(".py").read_text(encoding="utf-8")
+    source = "\n".join(line for line in source.splitlines()  # no IPython magics
+                       if not line.lstrip().startswith(("%", "!")))
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "InstructionRecipe"]
+    assert len(calls) == 1, "notebook 3.2 should build one InstructionRecipe"
+    keywords = {k.arg: k.value for k in calls[0].keywords}
+    assert set(keywords) == set(NOTEBOOK_PARAMETERS)
+    assert all(isinstance(v, ast.Name) and v.id == k for k, v in keywords.items())
+
+
 @pytest.mark.parametrize("profile", ["default", "smoke", "gpu"])
 def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(profile):
     """3.3.x load what 3.2 and the earlier 3.3 notebooks cached: under every profile their
     parameters must make the same recipes, or each would silently retrain its own."""
-    from companion.instruction import InstructionRecipe
+    from companion.instruction import NOTEBOOK_PARAMETERS
+    from companion.instruction import recipe_from_parameters as instruction_recipe_from_parameters
     from companion.rlhf import recipe_from_parameters
 
     recipes = {c: recipe_from_parameters(_chapter_parameters(c, profile))
@@ -287,14 +307,8 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
             assert getattr(recipe, name) == getattr(recipes["3.3.1"], name), (chapter, name)
     assert recipes["3.3.2"] == recipes["3.3.3"]  # 3.3.3 loads 3.3.2's PPO policy
     p = _chapter_parameters("3.2", profile)
-    sft = InstructionRecipe(
-        seed=p["seed"], tokenizer_scenes=p["tokenizer_scenes"],
-        clip_train_scenes=p["clip_train_scenes"], clip_steps=p["clip_steps"],
-        clip_batch_size=p["clip_batch_size"], lm_scenes=p["lm_scenes"], lm_steps=p["lm_steps"],
-        train_scenes=p["train_scenes"], stage1_steps=p["stage1_steps"],
-        stage1_lr=p["stage1_lr"], stage2_steps=p["stage2_steps"], stage2_lr=p["stage2_lr"],
-        batch_size=p["batch_size"], questions_per_conversation=p["questions_per_conversation"],
-        merge_patches=p["merge_patches"])
+    assert set(NOTEBOOK_PARAMETERS) <= set(p), "3.2 no longer declares a recipe parameter"
+    sft = instruction_recipe_from_parameters(p)
     # 3.3 starts from 3.2's recipe on machine-written data; 3.3.1's side by side loads 3.2's
     # own model as the clean control, so every other field must be 3.2's
     clean = replace(recipes["3.3.1"].sft, annotator_hallucination_rate=0.0)
