@@ -35,7 +35,7 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The number of tokens a causal-LM loss averages over: labels not -100 after the shift
     by one (Hugging Face's ``ForCausalLMLoss``). Under ``torchrun`` it weights each rank's
     token-mean loss so that their combination is the token mean of the whole batch."""
-    return (batch["labels"][:, 1:] != -100).sum()
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def grouped_rows(lengths: Sequence[int], batch_size: int, step: int, seed: int = 0,
