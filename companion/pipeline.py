@@ -272,6 +272,13 @@ class StageResult:
         clip_run = self.folder / "training.json"  # the vision stage saves a CLIP run
         return json.loads(clip_run.read_text())["steps"] if clip_run.is_file() else []
 
+    def curve(self, key: str = "loss", step_offset: int = 0) -> tuple[list, list]:
+        """The stage's training curve as ``(steps, values)`` of ``key`` (for
+        :func:`companion.plots.plot_curves`); ``step_offset`` shifts the steps, e.g. by the
+        steps of the stages before it, to draw two chains on one axis."""
+        history = self.history()
+        return [r["step"] + step_offset for r in history], [r[key] for r in history]
+
 
 @dataclass
 class PipelineResult:
@@ -292,6 +299,22 @@ def stage_summary(config: PipelineConfig) -> list[dict]:
     """The stage table as rows (for printing next to the seed's table)."""
     return [{"stage": s.name, "goal": s.goal, "data": s.data, "trains": " + ".join(s.trains),
              "lr": s.lr, "batch": s.batch_size, "epochs": s.epochs} for s in config.stages]
+
+
+def stage_table(config: PipelineConfig, published: tuple[Stage, ...] = LLAVA15_STAGES) -> str:
+    """The stage table as text, one line per stage of ``config`` (what it trains, its learning
+    rate, batch size and epochs), with ``published``'s settings (LLaVA-1.5's) beside the two
+    LLaVA stages and a dash beside the others."""
+    by_name = {s.name: s for s in published}
+    lines = [f"{'stage':>7} {'trains':>16} {'lr':>8} {'batch':>6} {'epochs':>7}   "
+             "LLaVA-1.5 (lr, batch, epochs)"]
+    for s in config.stages:
+        p = by_name.get(s.name)
+        llava = ("-" if p is None or s.name not in ("stage1", "stage2")
+                 else f"{p.lr:.0e}, {p.batch_size}, {p.epochs:g}")
+        lines.append(f"{s.name:>7} {' + '.join(s.trains):>16} {s.lr:>8.0e} {s.batch_size:>6} "
+                     f"{s.epochs:>7g}   {llava}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- stage builders

@@ -82,6 +82,22 @@ def plot_row_softmax(similarity: torch.Tensor, temperature: float, rows: int = 4
     return fig
 
 
+def moving_average(y: Sequence[float], window: int, x: Sequence[float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of the means of every ``window`` consecutive values of ``y``, each at the
+    ``x`` of its last value (``x`` default: 1, 2, ...); unchanged when ``window`` is 1 or
+    longer than ``y``. The training curves of 3.3 plot their noisy per-step values this way."""
+    y = np.asarray(y, dtype=float)
+    x = np.arange(1, len(y) + 1) if x is None else np.asarray(x)
+    if len(x) != len(y):
+        raise ValueError(f"moving_average: {len(x)} x values for {len(y)} y values")
+    if window < 1:
+        raise ValueError(f"moving_average: window={window} must be at least 1")
+    if window == 1 or len(y) < window:
+        return x, y
+    return x[window - 1:], np.convolve(y, np.ones(window) / window, mode="valid")
+
+
 def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
                 xlabel: str = "step", ylabel: str = "loss", logy: bool = False, ax=None,
                 smooth: int = 1):
@@ -91,13 +107,7 @@ def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], titl
     else:
         fig = ax.figure
     for name, (x, y) in series.items():
-        y = np.asarray(y, dtype=float)
-        x = np.asarray(x)
-        if smooth > 1 and len(y) >= smooth:
-            kernel = np.ones(smooth) / smooth
-            y = np.convolve(y, kernel, mode="valid")
-            x = x[smooth - 1:]
-        ax.plot(x, y, label=name)
+        ax.plot(*moving_average(y, smooth, x), label=name)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -234,4 +244,80 @@ def plot_paired_changes(changes: dict[str, dict], base: str, accuracy_floor: flo
         ax.set(ylabel=f"change in {label}",
                title=f"{label.capitalize()}: change from {base} (± 2 se)")
     fig.tight_layout()
+    return fig
+
+
+def plot_model_path(points: Sequence[tuple[str, float, float]], title: str,
+                    xlabel: str = "model (chapter)"):
+    """A sequence of models, one point each, left to right: mean task accuracy (circles) and
+    hallucination rate (squares) on held-out records. ``points`` holds ``(label, mean task
+    accuracy, hallucination rate)`` per model; the labels name the x ticks."""
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    xs = range(len(points))
+    ax.plot(xs, [p[1] for p in points], marker="o", label="mean task accuracy")
+    ax.plot(xs, [p[2] for p in points], marker="s", label="hallucination rate")
+    ax.set_xticks(list(xs), [p[0] for p in points])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rate on held-out records")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grouped_bars(rows: dict[str, dict[str, float]], columns: Sequence[str], title: str,
+                      ylabel: str, ylim=(0, 1.05), legend_loc: str = "best", ax=None):
+    """Grouped bars: one group per column, one bar per named row (``rows`` maps a name to
+    ``{column: value}``), side by side in the order given; the legend in one line."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+    else:
+        fig = ax.figure
+    width = 0.76 / max(1, len(rows))
+    for k, (name, row) in enumerate(rows.items()):
+        offset = (k - (len(rows) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(columns))], [row[c] for c in columns], width,
+               label=name)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, ncol=max(1, len(rows)))
+    return fig
+
+
+def plot_accuracy_against_compute(lm_curve: Sequence[dict],
+                                  stage2_points: Sequence[tuple[int, float]],
+                                  tasks: Sequence[str], text_only_accuracy: float | None = None):
+    """Section 3.2's two panels of held-out accuracy against training compute.
+
+    Left: the text-only LM while it pretrained, told each scene in words (one thin line per
+    task type in ``tasks`` and the mean in black, against the millions of tokens it had
+    seen; ``lm_curve`` holds the points :func:`companion.lm.pretrained_lm` returns with
+    ``with_curve=True``: ``tokens``, ``by_task``, ``mean_task_accuracy``); left empty without
+    one. Right: stage 2's mean task accuracy against its optimiser steps
+    (``stage2_points``: ``(step, accuracy)`` pairs), with the LM told the scene in words
+    (``text_only_accuracy``) as a dashed line when given."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    if lm_curve:
+        millions = [point["tokens"] / 1e6 for point in lm_curve]
+        for task in tasks:
+            axes[0].plot(millions, [point["by_task"][task] for point in lm_curve], lw=1,
+                         alpha=0.6, label=task)
+        axes[0].plot(millions, [point["mean_task_accuracy"] for point in lm_curve], "k-o",
+                     lw=2, label="mean")
+        axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set(xlabel="pretraining tokens seen (millions)", ylim=(0, 1.05),
+                ylabel="held-out accuracy, told in words",
+                title="The LM against pretraining compute")
+    axes[1].plot([step for step, _ in stage2_points], [acc for _, acc in stage2_points], "k-o",
+                 lw=2, label="stage 2, from pixels")
+    if text_only_accuracy is not None:
+        axes[1].axhline(text_only_accuracy, ls="--", color="grey",
+                        label="the LM told the scene in words")
+    axes[1].set(xlabel="stage-2 optimiser steps", ylabel="held-out mean task accuracy",
+                ylim=(0, 1.05), title="Stage 2 against its steps")
+    axes[1].legend(fontsize=8)
     return fig

@@ -15,7 +15,8 @@ and the stages before the change are loaded, not retrained:
 This module holds the data recipes and the measurement that the LLaVA metrics do not cover:
 how far instruction tuning moved the vision tower away from its CLIP alignment
 (:func:`vision_alignment`). The paired comparison of an arm with its control is
-:func:`companion.evaluate.paired_difference`.
+:func:`companion.evaluate.paired_difference`; :func:`compare_arm` makes it one row of the
+tricks table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from companion.clip import evaluate_retrieval
+from companion.evaluate import paired_difference, verdict
 
 
 def select_tasks(records: Sequence[dict], tasks: Sequence[str]) -> list[dict]:
@@ -113,3 +115,27 @@ def vision_drift(vlm, clip) -> float:
     num = sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before)
     den = sum(float(before[k].float().pow(2).sum()) for k in before)
     return (num / den) ** 0.5 if den else float(torch.nan)
+
+
+def compare_arm(control, arm, trick: str, name: str, note: str = "") -> tuple[dict, str]:
+    """One row of section 3.4's tricks table: ``arm`` against ``control`` (two
+    :class:`~companion.answers.TaskScores` of the same held-out records), paired answer by
+    answer on "correct" and on "hallucinated" (:func:`companion.evaluate.paired_difference`).
+
+    Returns the row (trick, arm name, note, the arm's mean task accuracy, its accuracy and
+    hallucination rate with their paired changes and standard errors, and the
+    :func:`~companion.evaluate.verdict` on accuracy) and a line that says the same in words,
+    from control to arm.
+    """
+    acc = paired_difference(control, arm, "correct")
+    hal = paired_difference(control, arm, "hallucinated")
+    row = {"trick": trick, "arm": name, "note": note,
+           "mean_task_accuracy": arm.mean_task_accuracy(),
+           "accuracy": acc["arm"], "accuracy_change": acc["difference"], "accuracy_se": acc["se"],
+           "hallucination": hal["arm"], "hallucination_change": hal["difference"],
+           "hallucination_se": hal["se"],
+           "verdict": verdict(acc["difference"], acc["se"])}
+    line = (f"{name}: answers correct {acc['control']:.3f} -> {acc['arm']:.3f} "
+            f"({acc['difference']:+.3f} ± {acc['se']:.3f}), hallucinating {hal['control']:.3f} -> "
+            f"{hal['arm']:.3f} ({hal['difference']:+.3f} ± {hal['se']:.3f}): {row['verdict']}")
+    return row, line

@@ -1,13 +1,14 @@
 """The LLaVA-1.5 pipeline: the stage table drives training; reruns resume; broken artifacts
 are rebuilt, never loaded."""
 
+import json
 import warnings
 
 import pytest
 import torch
 
-from companion.pipeline import (CPU_STAGES, LLAVA15_STAGES, PipelineConfig, Stage, run_pipeline,
-                                stage_summary)
+from companion.pipeline import (CPU_STAGES, LLAVA15_STAGES, PipelineConfig, Stage, StageResult,
+                                run_pipeline, stage_summary, stage_table)
 
 
 def _tiny(stages=("vision", "lm", "stage1", "stage2")):
@@ -44,6 +45,40 @@ def test_stage_table_matches_llava_15_and_validates():
     with pytest.raises(ValueError, match="needs"):
         PipelineConfig(stages=(CPU_STAGES[3],))
     assert Stage("stage2", "", "", ("lm",), 1e-3, 32, epochs=2).steps(100) == 7
+
+
+def test_stage_table_puts_llava_15_beside_the_llava_stages():
+    config = PipelineConfig().with_stage("stage2", lr=5e-4, batch_size=8, epochs=0.5)
+    lines = stage_table(config).splitlines()
+    assert lines[0] == ("  stage           trains       lr  batch  epochs   "
+                        "LLaVA-1.5 (lr, batch, epochs)")
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert list(rows) == ["vision", "lm", "stage1", "stage2", "dpo"]
+    assert rows["stage2"] == " stage2   projector + lm    5e-04      8     0.5   2e-05, 128, 1"
+    assert rows["stage1"].endswith("   1e-03, 256, 1")
+    assert all(rows[name].endswith("   -") for name in ("vision", "lm", "dpo"))
+    # LLaVA-1.5's column starts at the same place on every line
+    assert all(line[48:51] == "   " and line[51] != " " for line in lines)
+    without = stage_table(config.without_stage("stage1")).splitlines()
+    assert [line.split()[0] for line in without[1:]] == ["vision", "lm", "stage2", "dpo"]
+    unpublished = stage_table(config, published=()).splitlines()
+    assert all(line.endswith("   -") for line in unpublished[1:])
+
+
+def test_stage_curve_reads_the_history_and_shifts_its_steps(tmp_path):
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "history.json").write_text(json.dumps(
+        [{"step": 1, "loss": 2.0, "lr": 0.1}, {"step": 2, "loss": 1.5, "lr": 0.2}]))
+    stage = StageResult("stage2", tmp_path / "stage2", built=True, seconds=0.0, steps=2,
+                        examples=4)
+    assert stage.curve() == ([1, 2], [2.0, 1.5])
+    assert stage.curve("lr", step_offset=10) == ([11, 12], [0.1, 0.2])
+    (tmp_path / "vision").mkdir()  # the vision stage keeps its steps in a CLIP run's file
+    (tmp_path / "vision" / "training.json").write_text(json.dumps(
+        {"steps": [{"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.5}]}))
+    vision = StageResult("vision", tmp_path / "vision", built=False, seconds=0.0, steps=2,
+                         examples=8)
+    assert vision.curve(step_offset=5) == ([5, 6], [3.0, 2.5])
 
 
 def test_the_table_drives_what_trains_and_reruns_resume(tmp_path):

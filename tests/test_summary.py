@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from companion.book import load_book
+from companion.plots import plot_model_path
 from companion.summary import SUMMARY_ROWS, gpu_commands, metric_at, summary_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,3 +93,20 @@ def test_rlhf_targets_read_the_flat_keys_of_the_3_3_notebooks(tmp_path):
     assert "PPO: KL to the reference (nats per answer)" in missing  # 3.3.2 not run
     assert "DPO: hallucination change (paired)" in missing  # not in 3.3.3's file
     assert rows["not run: python -m companion book run 3.3.2"]["met"] is None
+
+
+def test_the_model_path_figure_draws_each_models_two_rates():
+    import matplotlib.pyplot as plt
+
+    points = [("stage 1 (3.2)", 0.4, 0.3), ("stage 2 (3.2)", 0.8, 0.1), ("DPO (3.3.3)", 0.82, 0.05)]
+    fig = plot_model_path(points, "a path")
+    ax = fig.axes[0]
+    accuracy, hallucination = ax.get_lines()
+    assert list(accuracy.get_xdata()) == [0, 1, 2]
+    assert list(accuracy.get_ydata()) == [0.4, 0.8, 0.82]
+    assert list(hallucination.get_ydata()) == [0.3, 0.1, 0.05]
+    assert (accuracy.get_label(), hallucination.get_label()) == ("mean task accuracy",
+                                                                 "hallucination rate")
+    assert [t.get_text() for t in ax.get_xticklabels()] == [p[0] for p in points]
+    assert ax.get_ylim() == (0, 1) and ax.get_title() == "a path"
+    plt.close(fig)

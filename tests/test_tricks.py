@@ -4,9 +4,11 @@ settings that drive them (the paired comparison is tested in test_paired_compari
 import pytest
 import torch
 
+from companion.answers import TaskScores
+from companion.evaluate import paired_difference
 from companion.pipeline import CPU_STAGES, PipelineConfig, Stage, stage_records
-from companion.tricks import (mismatch_images, select_tasks, subsample_scenes, vision_alignment,
-                              vision_drift)
+from companion.tricks import (compare_arm, mismatch_images, select_tasks, subsample_scenes,
+                              vision_alignment, vision_drift)
 from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
 
 
@@ -134,3 +136,31 @@ def test_the_gpu_profile_carries_llava_15s_published_stages():
     assert config_from_parameters({"stage2_lr": 5e-4, "warmup_fraction": 0.1}).stage(
         "stage2").lr == 5e-4
     assert config_from_parameters({"warmup_fraction": 0.1}).stage("vision").warmup_fraction == 0.05
+
+
+def _scores(correct, hallucinated):
+    return TaskScores([{"id": f"r{i}", "task": "ocr" if i % 2 else "counting", "turn": 0,
+                        "correct": bool(c), "hallucinations": ["a red star"] if h else []}
+                       for i, (c, h) in enumerate(zip(correct, hallucinated))])
+
+
+def test_compare_arm_pairs_the_arm_with_the_control():
+    control = _scores([1, 0, 0, 1, 0, 0, 1, 0], [0, 1, 1, 0, 1, 0, 0, 1])
+    arm = _scores([1, 1, 1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1])
+    row, line = compare_arm(control, arm, "data mixing", "without ocr", "a note")
+    assert (row["trick"], row["arm"], row["note"]) == ("data mixing", "without ocr", "a note")
+    assert row["accuracy"] == arm.accuracy() == 7 / 8
+    assert row["hallucination"] == arm.hallucination_rate() == 1 / 8
+    assert row["mean_task_accuracy"] == arm.mean_task_accuracy() == (1.0 + 0.75) / 2
+    assert row["accuracy_change"] == pytest.approx(0.5)
+    assert row["accuracy_se"] == pytest.approx(paired_difference(control, arm)["se"])
+    assert row["hallucination_change"] == pytest.approx(-0.375)
+    assert row["hallucination_se"] == pytest.approx(
+        paired_difference(control, arm, "hallucinated")["se"])
+    assert row["verdict"] == "helped"  # +0.500 is beyond two standard errors (2 x 0.189)
+    assert line == ("without ocr: answers correct 0.375 -> 0.875 (+0.500 ± 0.189), "
+                    "hallucinating 0.500 -> 0.125 (-0.375 ± 0.183): helped")
+    back, _ = compare_arm(arm, control, "data mixing", "the control")
+    assert back["accuracy_change"] == pytest.approx(-0.5) and back["verdict"] == "hurt"
+    same, _ = compare_arm(control, control, "data mixing", "the same")
+    assert same["accuracy_change"] == 0 and same["verdict"] == "no clear effect"
