@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import os
 import sys
 import time
+import tokenize
 import tomllib
 from dataclasses import dataclass, field
 from html import escape
@@ -35,6 +37,10 @@ _CHAPTER_REQUIRED = {"id", "notebook", "title", "seed_section"}
 _PROFILE_KEYS = {"description", "cell_timeout", "parameters"}
 # Parameters the runner itself passes to every notebook.
 RUNNER_PARAMETERS = ("output_dir", "cache_dir")
+# Parameters the runner passes to a notebook that declares them (unless the profile sets
+# them): the profile it runs and its -p options, by which a notebook rebuilds the recipes of
+# the chapters whose models it starts from (companion.rlhf.notebook_recipe).
+UPSTREAM_PARAMETERS = ("upstream", "upstream_changes")
 
 
 class BookConfigError(ValueError):
@@ -118,7 +124,8 @@ def notebook_parameters(notebook: Path) -> dict[str, dict]:
 
 
 def parse_parameters_source(source: str, where: str = "<cell>") -> dict[str, dict]:
-    """Parse ``name: type = value  # help`` lines of a parameters cell."""
+    """Parse ``name: type = value  # help`` lines of a parameters cell; a help text may go
+    on in comment lines that follow its assignment, indented after the ``#``."""
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
@@ -134,14 +141,27 @@ def parse_parameters_source(source: str, where: str = "<cell>") -> dict[str, dic
             continue
         if not isinstance(target, ast.Name):
             continue
-        line = lines[node.lineno - 1]
-        help_text = line.split("#", 1)[1].strip() if "#" in line else ""
+        line = lines[node.end_lineno - 1]
+        help_text = _comment(line)
+        for more in lines[node.end_lineno:]:
+            if not more.startswith("#  ") or not help_text:
+                break
+            help_text += " " + more[1:].strip()
         params[target.id] = {
             "default": ast.get_source_segment(source, node.value),
             "type": ast.unparse(annotation) if annotation is not None else "",
             "help": help_text,
         }
     return params
+
+
+def _comment(line: str) -> str:
+    """The text of a line's comment, ``#`` in strings aside."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return line.split("#", 1)[1].strip() if "#" in line else ""
+    return next((t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT), "")
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
@@ -285,10 +305,38 @@ def resolve_parameters(
     params = book.profile(profile).parameters_for(chapter.id)
     declared = book.declared[chapter.id]
     params.update({k: v for k, v in overrides.items() if k in declared})
+    if "upstream" in declared:
+        params.setdefault("upstream", profile)
+    if "upstream_changes" in declared:
+        params.setdefault("upstream_changes", dict(overrides))
     run_dir = book.run_dir(profile)
     params["output_dir"] = str(run_dir)
     params["cache_dir"] = str(book.cache_dir)
     return params
+
+
+def chapter_parameters(book: Book, chapter_id: str, profile: str = "default",
+                       changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every parameter of a chapter as ``book run --profile PROFILE -p NAME=VALUE...`` runs
+    it: its notebook's declared values, then the profile's, then the ``changes`` it declares
+    (other names are ignored, as the runner ignores a ``-p`` option a chapter does not
+    declare). The runner's own paths are left out."""
+    chapter = book.chapter(chapter_id)
+    declared = book.declared[chapter.id]
+    values = {}
+    for name, spec in declared.items():
+        try:
+            values[name] = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError) as exc:
+            raise BookConfigError(
+                f"{chapter.notebook.name}: parameter {name} = {spec['default']}: not a Python "
+                f"literal, so its value cannot be read without running the notebook ({exc})"
+            ) from exc
+    values.update(book.profile(profile).parameters_for(chapter.id))
+    values.update({k: v for k, v in (changes or {}).items() if k in declared})
+    for name in RUNNER_PARAMETERS:
+        values.pop(name, None)
+    return values
 
 
 def metrics_path(output_dir: str | os.PathLike, chapter_id: str) -> Path:

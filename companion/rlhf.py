@@ -24,6 +24,7 @@ import torch
 
 from companion.answers import evaluate_tasks
 from companion.artifacts import cached_artifact
+from companion.book import Book, chapter_parameters, load_book
 from companion.clip import pixel_values_for
 from companion.data.files import content_sha256
 from companion.data.llava import open_image
@@ -508,12 +509,49 @@ _RLHF_PARAMETERS = {
 
 
 def recipe_from_parameters(parameters: dict) -> RLHFRecipe:
-    """The section's recipe from a 3.3 notebook's parameters (by their names in the
-    parameters cell; names a notebook does not declare keep the defaults). Every 3.3
-    notebook builds its recipe here, so the same parameters always give the same cache keys;
-    the starting model's part goes through 3.2's own
-    :func:`companion.instruction.recipe_from_parameters`."""
+    """The section's recipe from parameters named as in the 3.3 notebooks (``sft_*`` for
+    3.2's; names not given keep the defaults, other names are ignored). The starting model's
+    part goes through 3.2's own :func:`companion.instruction.recipe_from_parameters`. The
+    notebooks build theirs with :func:`notebook_recipe`, which names the upstream models by
+    a profile instead of restating their recipe."""
     sft = instruction_recipe_from_parameters(parameters, _SFT_PARAMETERS, base=RLHFRecipe().sft)
     return RLHFRecipe(sft=sft, **{field_name: parameters[name]
                                   for name, field_name in _RLHF_PARAMETERS.items()
                                   if name in parameters})
+
+
+# each 3.3 chapter -> the chapters whose models it starts from (3.2's first)
+UPSTREAM_CHAPTERS = {"3.3.1": ("3.2",), "3.3.2": ("3.2", "3.3.1"),
+                     "3.3.3": ("3.2", "3.3.1", "3.3.2")}
+
+
+def notebook_recipe(chapter_id: str, parameters: dict, book: Book | None = None) -> RLHFRecipe:
+    """The recipe a 3.3 notebook runs, from its parameters (its ``globals()``).
+
+    The models it starts from were made by the chapters upstream of it
+    (:data:`UPSTREAM_CHAPTERS`), with the parameters ``book.toml``'s profile
+    ``parameters["upstream"]`` gives them (default ``"default"``: the notebooks' own values),
+    changed by ``parameters["upstream_changes"]`` (``{name: value}``, as ``-p`` options; the
+    runner passes its profile and ``-p`` options there). 3.2's parameters make the starting
+    model's recipe; each 3.3 chapter's, then the notebook's own, set the rest by name
+    (:func:`recipe_from_parameters`; the starting model's seed stays 3.2's). So a notebook's
+    parameters cell holds only what it decides, and it finds what the chapters before it
+    cached under the same profile."""
+    if chapter_id not in UPSTREAM_CHAPTERS:
+        raise ValueError(f"notebook_recipe: chapter {chapter_id!r} is not a 3.3 chapter; "
+                         f"expected one of {', '.join(UPSTREAM_CHAPTERS)}")
+    book = book if book is not None else load_book()
+    profile = parameters.get("upstream") or "default"
+    changes = parameters.get("upstream_changes") or {}
+    upstream = {chapter: chapter_parameters(book, chapter, profile, changes)
+                for chapter in UPSTREAM_CHAPTERS[chapter_id]}
+    named = {}
+    for chapter in UPSTREAM_CHAPTERS[chapter_id][1:]:
+        named.update(upstream[chapter])
+    named.update(parameters)
+    sft = instruction_recipe_from_parameters(upstream["3.2"], base=RLHFRecipe().sft)
+    sft_names = {k: v for k, v in _SFT_PARAMETERS.items() if k != "seed"}
+    sft = instruction_recipe_from_parameters(named, sft_names, base=sft)
+    return RLHFRecipe(sft=sft, **{field_name: named[name]
+                                  for name, field_name in _RLHF_PARAMETERS.items()
+                                  if name in named})

@@ -221,3 +221,37 @@ def test_build_dir_outside_the_book_folder(tmp_path):
     results = bookmod.run_chapters(book, None, "smoke", progress=False, log=logs.append)
     assert results[0].output_notebook.is_file()
     assert str(tmp_path / "elsewhere") in logs[-1]
+
+
+def test_parameter_help_goes_on_in_indented_comment_lines():
+    params = bookmod.parse_parameters_source(
+        'a = 1  # one\n#   two\n#three\nb = "x#y"  # b\n\n#   not b\'s\n'
+        'c = 3\n#   no help to go on\n')
+    assert params["a"]["help"] == "one two"
+    assert params["b"]["help"] == "b" and params["c"]["help"] == ""
+
+
+UPSTREAM_PARAMS = PARAMS + 'upstream = "default"  # profile\nupstream_changes = {}  # changes\n'
+
+
+def test_chapter_parameters_are_the_notebooks_then_the_profiles_then_the_changes(tmp_path):
+    book = load_book(write_book(tmp_path))
+    assert bookmod.chapter_parameters(book, "1") == {"seed": 0, "steps": 10}
+    assert bookmod.chapter_parameters(book, "1", "smoke") == {"seed": 0, "steps": 2}
+    changed = bookmod.chapter_parameters(book, "1", "smoke", {"seed": 4, "other": 1})
+    assert changed == {"seed": 4, "steps": 2}  # a name the chapter does not declare: ignored
+    make_notebook(tmp_path / "nb" / "a.ipynb", params=PARAMS + "model = make_model()  # m\n")
+    with pytest.raises(BookConfigError, match="a.ipynb: parameter model = make_model"):
+        bookmod.chapter_parameters(load_book(tmp_path / "book.toml"), "1")
+
+
+def test_runner_passes_its_profile_and_changes_only_to_notebooks_that_declare_upstream(tmp_path):
+    book = load_book(write_book(tmp_path))
+    plain = bookmod.resolve_parameters(book, book.chapter("1"), "smoke", {"seed": 3})
+    assert "upstream" not in plain and "upstream_changes" not in plain
+    make_notebook(tmp_path / "nb" / "a.ipynb", params=UPSTREAM_PARAMS)
+    book = load_book(tmp_path / "book.toml")
+    params = bookmod.resolve_parameters(book, book.chapter("1"), "smoke", {"seed": 3, "lr": 1})
+    assert params["upstream"] == "smoke"
+    assert params["upstream_changes"] == {"seed": 3, "lr": 1}  # upstream chapters may declare lr
+    assert params["seed"] == 3 and params["steps"] == 2

@@ -698,3 +698,31 @@ def test_headline_changes_are_the_paired_figures_and_their_share_of_the_sft_rate
                    "dpo_hallucination_relative_change": pytest.approx(-33 / 67),
                    "dpo_task_accuracy_change": 0.0}
     assert headline_changes("ppo", change, 0.0)["ppo_hallucination_relative_change"] is None
+
+
+def test_notebook_recipe_reads_upstream_chapters_then_the_notebooks_own_parameters():
+    """A 3.3 notebook names its upstream models by a profile (and changes to it): 3.2's
+    parameters make the starting model, 3.3.1's and 3.3.2's the rest, its own come last; the
+    3.3 seed does not reseed 3.2's model; a chapter that is not 3.3's is refused."""
+    from companion.book import load_book
+    from companion.rlhf import notebook_recipe
+
+    book = load_book()
+    base = notebook_recipe("3.3.3", {}, book)
+    assert base == notebook_recipe("3.3.3", {"upstream": "default"}, book)
+    changed = notebook_recipe("3.3.3", {"upstream_changes": {
+        "stage2_steps": 11, "questions_per_conversation": 2, "rm_steps": 5, "ppo_lr": 0.5,
+        "annotator_hallucination_rate": 0.25, "seed": 9}}, book)
+    assert (changed.sft.stage2_steps, changed.sft.questions_per_conversation) == (11, 2)
+    assert (changed.rm_steps, changed.ppo_lr) == (5, 0.5)
+    assert changed.sft.annotator_hallucination_rate == 0.25
+    assert changed.sft.seed == 9 and changed.seed == 9  # every upstream chapter declares seed
+    own = notebook_recipe("3.3.2", {"seed": 3, "ppo_lr": 0.25, "sft_stage2_steps": 7,
+                                    "upstream_changes": {"ppo_lr": 0.5}}, book)
+    assert own.seed == 3 and own.ppo_lr == 0.25 and own.sft.seed == base.sft.seed
+    assert own.sft.stage2_steps == 7  # a papermill user may still name 3.2's field directly
+    smoke = notebook_recipe("3.3.1", {"upstream": "smoke"}, book)
+    assert smoke.sft.lm_steps == book.profile("smoke").parameters_for("3.2")["lm_steps"]
+    assert smoke.scenes == base.scenes  # 3.3.1's own parameters are not upstream of itself
+    with pytest.raises(ValueError, match="'3.2' is not a 3.3 chapter"):
+        notebook_recipe("3.2", {}, book)
