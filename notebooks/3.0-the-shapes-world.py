@@ -48,9 +48,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import companion
 from companion.book import write_metrics
-from companion.data.llava import load_llava_json, validate_llava_records, LlavaFormatError
+from companion.data.llava import validate_llava_records, LlavaFormatError
 from companion.plots import show_images
 from companion.runtime import setup
 from companion.tokenizer import encode_chat, world_tokenizer
@@ -126,7 +125,8 @@ scene = scenes[0]
 check = make_task_sample(scene, "counting", random.Random(1))
 question, reference = check["conversations"][0]["value"], check["conversations"][1]["value"]
 print("question: ", question.replace("<image>\n", ""))
-for answer in [reference, "There are nine objects.", "I see a green star and a purple diamond.", ""]:
+for answer in [reference, "There are nine objects.",
+               "I see a green star and a purple diamond.", ""]:
     verdict = judge_answer(scene, answer, check["checks"][0])
     print(f"{answer!r:48} correct={verdict.correct!s:5} hallucinations={verdict.hallucinations}")
 

@@ -34,9 +34,11 @@
 seed = 0  # random seed for the data, the model initialisation and the batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.1.1.json
+output_dir = "../build/interactive"  # the runner sets it;
+#   metrics go to output_dir/metrics/3.1.1.json
 cache_dir = "../.cache"  # shared artifacts (tokenizer, trained encoders), keyed by their config
-clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of the tiny model, e.g. "openai/clip-vit-base-patch32"
+clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of the tiny model,
+#   e.g. "openai/clip-vit-base-patch32"
 tokenizer_scenes = 2000  # scenes whose text trains the world's BPE tokenizer
 train_scenes = 8000  # training scenes (each has 5 caption phrasings)
 test_scenes = 300  # held-out scenes for retrieval
@@ -56,13 +58,11 @@ progress = False  # show a tqdm progress bar while training (off in the committe
 
 # %%
 import inspect
-import time
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-import companion
 from companion import info_nce_loss, siglip_loss
 from companion.book import write_metrics
 from companion.clip import (ClipRecipe, ContrastiveModel, build_caption_data,
@@ -311,7 +311,8 @@ batch_results = {}
 for n in (8, 32, 64):
     trained, _ = short_run(n, experiment_steps)
     batch_results[n] = evaluate_retrieval(trained, test_data)["i2t_R@1"]
-    print(f"batch {n:>4} ({n - 1:>3} negatives per image): held-out i2t R@1 = {batch_results[n]:.3f}")
+    print(f"batch {n:>4} ({n - 1:>3} negatives per image): "
+          f"held-out i2t R@1 = {batch_results[n]:.3f}")
 metrics["batch_size_R@1"] = {str(k): v for k, v in batch_results.items()}
 fig = plot_bars({f"N = {k}": v for k, v in batch_results.items()},
                 f"Held-out image→text R@1 after {experiment_steps} steps", "R@1")
@@ -351,7 +352,8 @@ probe = sample_batch(train_data, batch_size, step=0, seed=seed, phrasing=SHORT)
 ids = probe["caption_ids"]
 shared = int((ids[:, None] == ids[None, :]).sum().item() - len(ids))
 print(f"example caption: {train_data.captions[0][SHORT]!r}")
-print(f"in a batch of {batch_size} with this phrasing, {shared} off-diagonal cells are true matches")
+print(f"in a batch of {batch_size} with this phrasing, "
+      f"{shared} off-diagonal cells are true matches")
 
 dup_results = {}
 for name, multi in (("plain target", False), ("multi-positive", True)):
@@ -371,7 +373,8 @@ print(f"multi-positive minus plain: {change:+.3f} R@1, with {shared} duplicate c
 with torch.no_grad():
     from companion.clip import text_embeddings
     probe_img = image_embeddings(model, probe["pixel_values"].to(dev)).float()
-    probe_txt = text_embeddings(model, probe["input_ids"].to(dev), probe["attention_mask"].to(dev)).float()
+    probe_txt = text_embeddings(model, probe["input_ids"].to(dev),
+                                probe["attention_mask"].to(dev)).float()
 plain = info_nce_loss(probe_img, probe_txt, clip_loss.temperature).item()
 multi = info_nce_loss(probe_img, probe_txt, clip_loss.temperature, positive_ids=ids.to(dev)).item()
 print(f"plain InfoNCE {plain:.4f}, multi-positive {multi:.4f}")

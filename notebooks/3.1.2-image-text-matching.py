@@ -40,7 +40,8 @@
 seed = 0  # random seed for the data, the model initialisation and the batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.1.2.json
+output_dir = "../build/interactive"  # the runner sets it;
+#   metrics go to output_dir/metrics/3.1.2.json
 cache_dir = "../.cache"  # shared artifacts (tokenizer, CLIP of 3.1.1), keyed by their config
 tokenizer_scenes = 2000  # scenes whose text trains the world's BPE (as in 3.0 and 3.1.1)
 clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.1.1 to reuse its cached model)
@@ -58,9 +59,11 @@ fusion_width = 64  # hidden size of the fused encoder (a BertModel)
 fusion_layers = 2  # transformer layers of the fused encoder
 image_pool = 2  # average 2x2 neighbouring patches into one image token (36 -> 9 tokens)
 rerank_k = 10  # how many contrastive candidates ITM re-scores per image
-rerank_itc_temperature = 0.015  # re-ranking score: ITM log-odds + cosine / this (CLIP's learned τ is about 0.015)
+rerank_itc_temperature = 0.015  # re-ranking score: ITM log-odds + cosine / this
+#   (CLIP's learned τ is about 0.015)
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
-clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of 3.1.1's, e.g. "openai/clip-vit-base-patch32"
+clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) instead of 3.1.1's,
+#   e.g. "openai/clip-vit-base-patch32"
 
 # %% [markdown]
 # ## Setup
@@ -158,7 +161,7 @@ print(f"{len(train_data)} training scenes, {len(test_data)} held-out scenes, "
 
 # %%
 pairs = fine_grained_pairs(test_scene_list, seed=seed)
-for index, true_caption, false_caption, change in pairs[:4]:
+for _, true_caption, false_caption, change in pairs[:4]:
     print(f"{change:>8}:  true  {true_caption}\n{'':>10} false {false_caption}")
 fig = show_images([render_scene(test_scene_list[p[0]], 128) for p in pairs[:4]],
                   [f"{p[3]} changed" for p in pairs[:4]], columns=4,

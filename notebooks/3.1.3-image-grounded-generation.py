@@ -29,7 +29,7 @@
 seed = 0  # random seed for data, initialisation and batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.1.3.json
+output_dir = "../build/interactive"  # the runner sets it; metrics: output_dir/metrics/3.1.3.json
 cache_dir = "../.cache"  # shared artifacts (tokenizer, CLIP of 3.1.1, text-pretrained LM of 3.2)
 tokenizer_scenes = 2000  # scenes whose text trains the world's BPE (as in 3.0 and 3.1.1)
 clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.1.1 to reuse its cached model)
@@ -46,7 +46,7 @@ max_new_tokens = 48  # longest generated caption, in tokens
 sample_temperature = 0.7  # temperature of the sampled captions shown beside the greedy ones
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
 clip_checkpoint = ""  # a CLIP checkpoint whose vision tower to use instead of 3.1.1's tiny CLIP
-lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) instead of the text-pretrained tiny Llama
+lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) instead of the tiny Llama
 
 # %% [markdown]
 # ## Setup
@@ -55,7 +55,6 @@ lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) instead of the
 import inspect
 import time
 
-import matplotlib.pyplot as plt
 import torch
 
 from companion.book import write_metrics
@@ -109,6 +108,22 @@ for position, (token, label) in enumerate(zip(example["input_ids"][0].tolist(),
 print("(4 vision tokens here for brevity; the model below uses one per image patch)")
 
 # %% [markdown]
+# Written out in plain torch, the loss the model computes from its logits takes three steps.
+# Shift by one: the logits at position t (all but the last) are scored against the label at
+# t + 1 (all but the first). Keep the positions whose label is not -100. Average their
+# cross-entropy, minus the log of the probability the softmax gives the right token. (The
+# check against `generation_loss` comes once the model below is trained, on its logits for
+# held-out captions.)
+
+# %%
+def caption_loss_by_hand(logits, labels):
+    """Next-token cross-entropy over the caption's positions, the model's own loss."""
+    predictions, targets = logits[:, :-1, :], labels[:, 1:]  # output at t predicts t + 1
+    scored = targets != IGNORE_INDEX  # not the vision tokens, <s> or the padding
+    log_probs = torch.log_softmax(predictions[scored].float(), dim=-1)
+    return -log_probs.gather(1, targets[scored].unsqueeze(1)).mean()
+
+# %% [markdown]
 # ## Model and data
 #
 # The vision tower comes from 3.1.1 and the LM from its text-only pretraining (both from the
@@ -124,8 +139,9 @@ if clip_checkpoint:
 else:
     clip, processor, _ = pretrained_clip(cache_dir, clip_recipe, device=dev, log=None)
 if not lm_checkpoint:
-    lm, _ = pretrained_lm(cache_dir, tokenizer, LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
-                                                         scenes=lm_scenes, steps=lm_steps),
+    lm, _ = pretrained_lm(cache_dir, tokenizer,
+                          LMRecipe(seed=seed, tokenizer_scenes=tokenizer_scenes,
+                                   scenes=lm_scenes, steps=lm_steps),
                           device=dev, log=None)
 vlm = build_vlm(clip, lm, tokenizer, seed=seed).to(dev)
 counts = apply_stage(vlm, "stage2")
@@ -184,6 +200,25 @@ train_seconds = time.perf_counter() - start
 fig = plot_curves({"caption loss": history.series("loss")},
                   "Image-grounded generation: training loss", ylabel="cross-entropy per token",
                   smooth=10)
+
+# %% [markdown]
+# The loss written out above, on a real batch: the trained model's logits for the first 16
+# held-out images with their captions (no gradients, nothing in the model changes). The
+# function of a few lines and `generation_loss`, the loss the model was trained with, give
+# the same number:
+
+# %% tags=["trained-figures"]
+with torch.no_grad():  # (training left the model in eval mode)
+    held_texts = {key: value.to(dev) for key, value in caption_inputs(
+        tokenizer, [canonical_caption(s) for s in test_list[:16]], n_image, image_id).items()}
+    held_images = test_pixels[:16].to(dev)
+    logits = vlm(input_ids=held_texts["input_ids"], attention_mask=held_texts["attention_mask"],
+                 pixel_values=held_images).logits
+    by_hand = caption_loss_by_hand(logits, held_texts["labels"])
+    package_loss = generation_loss(vlm, held_images, held_texts)
+print(f"by hand {by_hand.item():.6f}, generation_loss {package_loss.item():.6f}, over "
+      f"{int((held_texts['labels'][:, 1:] != IGNORE_INDEX).sum())} caption tokens")
+assert torch.allclose(by_hand, package_loss)
 
 # %% [markdown]
 # ## After training: held-out images and their captions

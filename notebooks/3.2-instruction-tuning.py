@@ -51,20 +51,20 @@ stage2_steps = 2400  # stage 2 (projector + LM) optimiser steps, on all task typ
 stage2_lr = 2e-3  # stage 2 peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
 batch_size = 32  # conversations per batch in both stages
 questions_per_conversation = 3  # stage 2: questions about one image joined in one conversation
-merge_patches = 2  # vision tokens: each merge_patches x merge_patches block of patches is one token (2: 9 per image, one per cell; 1: LLaVA's one per patch, 36)
+merge_patches = 2  # n x n patches per vision token (2: 9 per image, one per cell; 1: LLaVA's 36)
 max_new_tokens = 48  # longest generated answer, in tokens
 progress = False  # show a tqdm progress bar while training (off in the committed outputs)
-vlm_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) to tune instead of assembling the tiny one
-lm_checkpoint = ""  # a causal LM checkpoint to use as the LLM instead of the text-pretrained tiny Llama
+vlm_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) to tune instead of the tiny one
+lm_checkpoint = ""  # a causal LM checkpoint as the LLM instead of the text-pretrained tiny Llama
 clip_checkpoint = ""  # a CLIP checkpoint whose vision tower to use instead of 3.1.1's tiny CLIP
 train_json = ""  # a LLaVA-format JSON to train on (stage 2) instead of the world's records
-stage1_json = ""  # stage 1's own caption data (LLaVA JSON); default: train_json's description records
+stage1_json = ""  # stage 1's caption data (LLaVA JSON); default: train_json's description records
 image_folder = ""  # where the JSON files' image paths are resolved (default: train_json's folder)
-lora_rank = 0  # 0: stage 2 tunes the LM's weights; > 0: LoRA adapters of this rank instead (needs peft)
-probe_scenes = 6000  # scenes whose vision tokens train the probe of "Where the errors come from" (0 skips it)
-probe_test_scenes = 300  # held-out scenes on which the probe and the model's descriptions are scored
+lora_rank = 0  # 0: stage 2 tunes the LM's weights; > 0: LoRA adapters of this rank (needs peft)
+probe_scenes = 6000  # scenes whose vision tokens train the probe of "Where the errors..." (0: none)
+probe_test_scenes = 300  # held-out scenes that score the probe and the model's descriptions
 probe_steps = 1500  # optimiser steps of the probe (one small MLP shared by the 9 cells)
-stage2_curve_points = 3  # times stage 2 is also scored on the held-out records part-way (0: only at its end)
+stage2_curve_points = 3  # times stage 2 is also scored part-way on the held-out records (0: never)
 
 # %% [markdown]
 # ## Setup
@@ -74,25 +74,25 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from IPython.display import HTML, display
 
 from companion.book import write_metrics
 from companion.clip import pixel_values_for, pretrained_clip
 from companion.data.llava import load_llava_json, validate_llava_records
 from companion.evaluate import task_mean_difference, verdict
-from companion.instruction import (IGNORE_INDEX, InstructionRecipe, build_example,
-                                   encode_file_data, encode_world_records, evaluate_tasks,
-                                   generate_replies, instruction_records,
-                                   publish_instruction_tuned, stage_records, train_stage)
+from companion.instruction import (IGNORE_INDEX, build_example, encode_file_data,
+                                   encode_world_records, evaluate_tasks, generate_replies,
+                                   instruction_records, publish_instruction_tuned,
+                                   recipe_from_parameters, stage_records, train_stage)
 from companion.lora import LoraSettings, add_lora, merge_lora
 from companion.models import build_clip
-from companion.plots import plot_curves, show_images
+from companion.plots import (plot_accuracy_against_compute, plot_curves, plot_grouped_bars,
+                             plot_task_accuracy, show_images)
 from companion.probe import (PROBE_ATTRIBUTES, cell_labels, description_cell_accuracy,
                              probe_accuracy, train_probe, vision_tokens)
 from companion.runtime import setup
 from companion.stages import trainable_summary
-from companion.tokenizer import assistant_mask_html, world_tokenizer
+from companion.tokenizer import CHAT_TEMPLATE, assistant_mask_html, world_tokenizer
 from companion.vlm import (build_lm, build_vlm, image_seq_length, image_token_id,
                            load_vlm, pretrained_lm, scene_as_text, text_only_conversations)
 from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes, render_scene
@@ -130,12 +130,7 @@ print("the seed's sample is a valid LLaVA record:",
 # how the judge scores the model's free-text answers later.
 
 # %%
-recipe = InstructionRecipe(
-    seed=seed, tokenizer_scenes=tokenizer_scenes, clip_train_scenes=clip_train_scenes,
-    clip_steps=clip_steps, clip_batch_size=clip_batch_size, lm_scenes=lm_scenes,
-    lm_steps=lm_steps, train_scenes=train_scenes, stage1_steps=stage1_steps, stage1_lr=stage1_lr,
-    stage2_steps=stage2_steps, stage2_lr=stage2_lr, batch_size=batch_size,
-    questions_per_conversation=questions_per_conversation, merge_patches=merge_patches)
+recipe = recipe_from_parameters(globals())  # the recipe fields set in the parameters cell
 scenes_by_id, records = instruction_records(recipe)
 if train_json:  # a LLaVA data set from files: validated, every image checked
     image_folder = image_folder or str(Path(train_json).parent)
@@ -202,7 +197,7 @@ else:
     vlm = build_vlm(clip, lm, tokenizer, seed=seed, merge_patches=merge_patches).to(dev)
 n_image_tokens = image_seq_length(vlm)
 image_size = vlm.config.vision_config.image_size
-for part, (trainable, total) in trainable_summary(vlm).items():
+for part, (_, total) in trainable_summary(vlm).items():
     print(f"{part:>9}: {total / 1e6:.3f} M parameters")
 merged = getattr(vlm.config, "merge_patches", 1)
 print(f"one image = {n_image_tokens} vision tokens ({image_size}x{image_size} pixels, "
@@ -230,6 +225,35 @@ print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry los
       f"{len(in_loss) - n_image - sum(in_loss)} are template and human text")
 
 # %% [markdown]
+# The labels can be written by hand from the turn structure alone. In the rendered ids every
+# reply follows the assistant's header (the `<|assistant|>` token and a line break) and runs
+# to the `<|end|>` token that closes its turn. The labels copy those ids, `<|end|>` included
+# (that is how the model learns to stop), and are -100 everywhere else. `build_example` finds
+# the replies another way, from the `{% generation %}` block of the chat template; the two
+# agree token by token, and each span decodes to one of the record's replies:
+
+# %%
+if tokenizer.chat_template == CHAT_TEMPLATE:  # (a checkpoint's template marks its own turns)
+    sample_ids = example["input_ids"]
+    assistant_header = tokenizer("<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    labels_by_hand, reply_spans = [IGNORE_INDEX] * len(sample_ids), []
+    for position in range(len(sample_ids) - len(assistant_header)):
+        if sample_ids[position:position + len(assistant_header)] == assistant_header:
+            first = position + len(assistant_header)  # the reply starts after the header
+            span = slice(first, sample_ids.index(end_of_turn, first) + 1)  # ... to <|end|>
+            labels_by_hand[span] = sample_ids[span]
+            reply_spans.append(span)
+    assert labels_by_hand == example["labels"]
+    assert [tokenizer.decode(sample_ids[span][:-1]) for span in reply_spans] == [
+        turn["value"] for turn in multi["conversations"] if turn["from"] == "gpt"]
+    print(f"labels by hand = build_example's labels at all {len(sample_ids)} positions: "
+          f"{len(reply_spans)} replies, {sum(s.stop - s.start for s in reply_spans)} "
+          "tokens in the loss")
+else:
+    print("(the labels by hand read the world's chat template; this tokenizer has its own)")
+
+# %% [markdown]
 # Why only the assistant's tokens? The model's job is to *answer*. The questions are given,
 # not generated: putting them in the loss would spend capacity on predicting what users ask,
 # and would teach the model to continue a conversation by writing the user's next question.
@@ -247,10 +271,10 @@ print(f"{len(in_loss)} tokens: {n_image} vision tokens, {sum(in_loss)} carry los
 # image-caption pairs; stage 2 uses every task type, and joins a scene's questions
 # `questions_per_conversation` at a time into one multi-turn conversation, as LLaVA's
 # conversation data asks several questions about one image: the image's vision tokens are
-# then read once for three answers. (Measured by `benchmarks/stage2_levers.py` on these held-out
-# records, with 36 vision tokens: 0.526 this way against 0.472 with one question per conversation at the same
-# 1,600 steps, 0.527 with one question and twice the steps, 0.489 with six questions and
-# 1,000 steps; README, Benchmarks.)
+# then read once for three answers. (Measured by `benchmarks/stage2_levers.py` on these
+# held-out records, with 36 vision tokens: 0.526 this way against 0.472 with one question per
+# conversation at the same 1,600 steps, 0.527 with one question and twice the steps, 0.489
+# with six questions and 1,000 steps; README, Benchmarks.)
 
 # %%
 if train_json:
@@ -273,7 +297,12 @@ if train_json:
     print(f"from files: stage 1 {'from ' + stage1_json if stage1_json else 'as above'}; "
           f"text-only records left out: {sum('no image' in why for _, why in train_all.skipped)}")
 
+# %% [markdown]
+# Three helpers serve the rest of the notebook: `run_stage` freezes the model as a LLaVA
+# stage does and trains it with the shared loop (timing it), `evaluate` lets the model answer
+# every held-out question for the judge to score, and `score` keeps the summary in the metrics.
 
+# %%
 seconds = {}
 
 
@@ -308,7 +337,8 @@ def score(name):
 # %% tags=["nbval-ignore-output"]
 before = score("before")
 for answer in before.answers[:3]:
-    print(f"Q: {answer['question']}\nA: {answer['answer']!r}\n   (reference: {answer['reference']!r})")
+    print(f"Q: {answer['question']}\nA: {answer['answer']!r}\n"
+          f"   (reference: {answer['reference']!r})")
 print(f"mean task accuracy {metrics['before_mean_task_accuracy']:.3f}")
 
 # %% [markdown]
@@ -321,8 +351,8 @@ print(f"mean task accuracy {metrics['before_mean_task_accuracy']:.3f}")
 # %% tags=["trained-figures"]
 text_only = None
 if not vlm_checkpoint:  # (a LLaVA checkpoint brings no separate LM to ask)
-    text_records = [{**r, "conversations": c}
-                    for r, c in zip(test_records, text_only_conversations(test_records, test_by_id))]
+    text_records = [{**r, "conversations": c} for r, c in
+                    zip(test_records, text_only_conversations(test_records, test_by_id))]
     text_only = evaluate_tasks(lm, tokenizer, text_records, test_by_id, None,
                                max_new_tokens=max_new_tokens)
     metrics["text_lm"] = {t: round(row["accuracy"], 4) for t, row in text_only.by_task().items()}
@@ -382,7 +412,8 @@ after2 = score("stage2")
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
 if lm_history:
-    plot_curves({"text-only LM": ([r["step"] for r in lm_history], [r["loss"] for r in lm_history])},
+    plot_curves({"text-only LM": ([r["step"] for r in lm_history],
+                                  [r["loss"] for r in lm_history])},
                 "LM pretraining on the world's text", ylabel="loss", ax=axes[0], smooth=10)
 plot_curves({"stage 1": stage1.series("loss")}, "Stage 1: projector only", ylabel="loss",
             ax=axes[1], smooth=10)
@@ -401,28 +432,12 @@ plt.show()
 # flattened, the recipe or the model's size is the limit, not the number of steps.
 
 # %% tags=["trained-figures"]
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
 if lm_curve:
-    millions = [point["tokens"] / 1e6 for point in lm_curve]
-    for task in TASK_TYPES:
-        axes[0].plot(millions, [point["by_task"][task] for point in lm_curve], lw=1,
-                     alpha=0.6, label=task)
-    axes[0].plot(millions, [point["mean_task_accuracy"] for point in lm_curve], "k-o", lw=2,
-                 label="mean")
-    axes[0].legend(fontsize=7, ncol=2)
     print("LM told in words (first 50 held-out scenes): "
           + ", ".join(f"{p['step']} steps {p['mean_task_accuracy']:.3f}" for p in lm_curve))
-axes[0].set(xlabel="pretraining tokens seen (millions)", ylim=(0, 1.05),
-            ylabel="held-out accuracy, told in words", title="The LM against pretraining compute")
 points = [*stage2_curve, (stage2_steps, after2.mean_task_accuracy())]
-axes[1].plot([step for step, _ in points], [acc for _, acc in points], "k-o", lw=2,
-             label="stage 2, from pixels")
-if text_only:
-    axes[1].axhline(text_only.mean_task_accuracy(), ls="--", color="grey",
-                    label="the LM told the scene in words")
-axes[1].set(xlabel="stage-2 optimiser steps", ylabel="held-out mean task accuracy", ylim=(0, 1.05),
-            title="Stage 2 against its steps")
-axes[1].legend(fontsize=8)
+fig = plot_accuracy_against_compute(lm_curve, points, TASK_TYPES,
+                                    text_only.mean_task_accuracy() if text_only else None)
 plt.show()
 print("stage 2 (held-out mean task accuracy): "
       + ", ".join(f"{step} steps {acc:.3f}" for step, acc in points))
@@ -448,9 +463,15 @@ if text_only:
              and table2[t]["accuracy"] > table_text[t]["accuracy"]]
     print(f"after stage 2 the model, reading pixels, beats the text LM reading a perfect "
           f"description on {len(ahead)} of {len(table2)} task types ({', '.join(ahead)})")
-print(f"\nstage 1 changed the mean accuracy by {after1.mean_task_accuracy() - before.mean_task_accuracy():+.3f}; "
+print(f"\nstage 1 changed the mean accuracy by "
+      f"{after1.mean_task_accuracy() - before.mean_task_accuracy():+.3f}; "
       f"stage 2 by {after2.mean_task_accuracy() - after1.mean_task_accuracy():+.3f}")
-# stage 2 against stage 1, answer by answer on the same held-out questions
+
+# %% [markdown]
+# Both models answered the same held-out questions, so they can be compared answer by answer
+# (paired): stage 2 against stage 1 per task type, with one standard error of the change.
+
+# %% tags=["nbval-ignore-output"]
 stage_change = task_mean_difference(after1, after2)
 print("stage 2 against stage 1 (paired, ± 1 standard error):")
 for task, c in [*stage_change["by_task"].items(), ("mean", stage_change)]:
@@ -458,21 +479,17 @@ for task, c in [*stage_change["by_task"].items(), ("mean", stage_change)]:
 clearly_above = [t for t, c in stage_change["by_task"].items()
                  if verdict(c["difference"], c["se"]) == "helped"]
 print(f"clearly above stage 1 (beyond 2 se): {len(clearly_above)} of {len(table2)} task types")
-metrics["stage2_vs_stage1"] = {t: {"change": c["difference"], "se": c["se"]}
-                               for t, c in [*stage_change["by_task"].items(), ("mean", stage_change)]}
+metrics["stage2_vs_stage1"] = {
+    t: {"change": c["difference"], "se": c["se"]}
+    for t, c in [*stage_change["by_task"].items(), ("mean", stage_change)]}
 metrics["stage2_min_task_accuracy"] = min(row["accuracy"] for row in table2.values())
 
-fig, ax = plt.subplots(figsize=(9, 3.4))
-tasks = list(table2)
-width = 0.27
-for k, (name, table) in enumerate((("before", table0), ("stage 1", table1), ("stage 2", table2))):
-    ax.bar([i + (k - 1) * width for i in range(len(tasks))], [table[t]["accuracy"] for t in tasks],
-           width, label=name)
-ax.set_xticks(range(len(tasks)), tasks)
-ax.set_ylim(0, 1.05)
-ax.set_ylabel("judged accuracy (held-out)")
-ax.set_title(f"Accuracy per task type on {len(test_records)} held-out records")
-ax.legend()
+# %% [markdown]
+# The table's accuracies, as bars:
+
+# %% tags=["nbval-ignore-output"]
+fig = plot_task_accuracy({"before": table0, "stage 1": table1, "stage 2": table2},
+                         f"Accuracy per task type on {len(test_records)} held-out records")
 plt.show()
 
 # %% [markdown]
@@ -510,10 +527,7 @@ plt.show()
 
 # %% tags=["trained-figures"]
 token_gigabytes = 4 * probe_scenes * n_image_tokens * vlm.config.text_config.hidden_size / 1e9
-run_probe = probe_scenes > 0 and token_gigabytes < 4
-if probe_scenes and not run_probe:  # (a real LLaVA: 576 tokens of width 4096 per image)
-    print(f"probe skipped: the vision tokens of {probe_scenes} scenes would take "
-          f"{token_gigabytes:.0f} GB; lower probe_scenes to run it")
+run_probe = probe_scenes > 0 and token_gigabytes < 4  # (a real LLaVA: 576 x 4096 per image)
 if run_probe:
     def tokens_and_labels(scenes):
         pixels = pixel_values_for(processor, [render_scene(s, image_size) for s in scenes])
@@ -534,6 +548,15 @@ if run_probe:
     metrics["probe"] = {"vision_tokens": read_by_probe, "descriptions": said_by_model}
     for attribute in ("shape", "color", "size"):  # the vision tower's targets (3.5)
         metrics[f"probe_{attribute}_accuracy"] = read_by_probe[attribute]
+
+# %% [markdown]
+# The probe's accuracy on the held-out scenes' vision tokens, beside the descriptions':
+
+# %% tags=["trained-figures"]
+if probe_scenes and not run_probe:
+    print(f"probe skipped: the vision tokens of {probe_scenes} scenes would take "
+          f"{token_gigabytes:.0f} GB; lower probe_scenes to run it")
+if run_probe:
     columns = PROBE_ATTRIBUTES + ("whole scene",)
     print(f"{len(probe_held)} held-out scenes, {int((held_labels[..., 0] == 1).sum())} objects; "
           f"the probe trained on the vision tokens of {len(probe_train)} other scenes\n")
@@ -541,17 +564,10 @@ if run_probe:
     for name, row in (("probe on vision tokens", read_by_probe),
                       ("model's descriptions", said_by_model)):
         print(f"{name:>24}" + "".join(f"{row[c]:>13.3f}" for c in columns))
-
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for k, (name, row) in enumerate((("probe on the vision tokens", read_by_probe),
-                                     ("the model's descriptions", said_by_model))):
-        ax.bar([i + (k - 0.5) * 0.38 for i in range(len(columns))], [row[c] for c in columns],
-               0.38, label=name)
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_ylim(0, 1.3)
-    ax.set_ylabel("accuracy per cell (whole scene: all cells)")
-    ax.set_title("What the vision tokens carry vs what the model says (held-out scenes)")
-    ax.legend(loc="upper center", ncol=2)
+    fig = plot_grouped_bars(
+        {"probe on the vision tokens": read_by_probe, "the model's descriptions": said_by_model},
+        columns, "What the vision tokens carry vs what the model says (held-out scenes)",
+        "accuracy per cell (whole scene: all cells)", ylim=(0, 1.3), legend_loc="upper center")
     plt.show()
 
 # %% [markdown]

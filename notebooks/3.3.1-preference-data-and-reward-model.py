@@ -43,20 +43,16 @@
 seed = 0  # random seed for sampling, labels, initialisation and batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.3.1.json
+output_dir = "../build/interactive"  # the runner sets it; metrics go to
+#   output_dir/metrics/3.3.1.json
 cache_dir = "../.cache"  # shared artifacts (3.2's model; this section's data and reward model)
-tokenizer_scenes = 2000  # the world's BPE (as in 3.0 to 3.2)
-clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.2 to reuse its cached model)
-clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
-clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
-lm_scenes = 20000  # the text-only LM recipe of 3.2
-lm_steps = 2000  # steps of the text-only LM recipe
-sft_train_scenes = 3000  # 3.2's instruction data (its train_scenes)
-sft_stage1_steps = 300  # 3.2's stage 1 steps
-sft_stage2_steps = 2400  # 3.2's stage 2 steps
-sft_batch_size = 32  # 3.2's batch size
-sft_merge_patches = 2  # 3.2's merge_patches (patches per vision token, per side)
-annotator_hallucination_rate = 1.0  # share of 3.2's long-form training records written by a careless annotator (0: 3.2's own clean model)
+upstream = "default"  # the book.toml profile whose 3.2 parameters made the model this notebook
+#   starts
+#   from (the runner passes the profile it runs; `rlhf.notebook_recipe` reads it)
+upstream_changes = {}  # upstream parameters changed from that profile, e.g. {"lm_steps": 500}
+#   (the runner passes its -p options here)
+annotator_hallucination_rate = 1.0  # share of 3.2's long-form training records written by a
+#   careless annotator (0: 3.2's own clean model)
 test_scenes = 60  # 3.2's held-out scenes, for the clean and machine-written models side by side
 preference_scenes = 400  # scenes whose questions are sampled and labelled (one per task type)
 samples = 4  # replies sampled per question for the labeler to compare
@@ -64,11 +60,15 @@ max_new_tokens = 32  # longest sampled reply, in tokens
 pairs = "all"  # "all" comparisons of a question's replies, or "best_worst" (one pair)
 rm_steps = 200  # reward model optimiser steps
 rm_lr = 1e-4  # reward model peak learning rate (both reward models)
-rm_pooling = "likelihood"  # the reward model PPO uses: "likelihood" (reply log-prob), "last" token or "mean"
-rm_factual = None  # it also reads the scene's facts in words (Fact-RLHF); None: yes on the world's pairs, no on preference_json
+rm_pooling = "likelihood"  # the reward model PPO uses: "likelihood" (reply log-prob), "last" token
+#   or "mean"
+rm_factual = None  # it also reads the scene's facts in words (Fact-RLHF); None: yes on the world's
+#   pairs, no on preference_json
 noise_levels = [0.0, 0.2, 0.4]  # labeler noise (share of flipped choices) for the noise experiment
-sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
-preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of sampling and labelling pairs here
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference
+#   instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of
+#   sampling and labelling pairs here
 image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 
 # %% [markdown]
@@ -88,9 +88,9 @@ from companion.losses.preference import bradley_terry_loss, preference_probabili
 from companion.preference import flip_preferences, score_pairs
 from companion.evaluate import paired_difference
 from companion.instruction import instruction_records
-from companion.plots import plot_task_accuracy
+from companion.plots import moving_average, plot_task_accuracy
 from companion.rlhf import (evaluate_answers, heldout_prompts, preference_data,
-                            preference_records, recipe_from_parameters, reward_model,
+                            preference_records, notebook_recipe, reward_model,
                             rlhf_prompts, sft_model, train_reward_model, with_sft)
 from companion.runtime import setup
 
@@ -98,7 +98,7 @@ from companion.runtime import setup
 dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 seconds = {}
-recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
+recipe = notebook_recipe("3.3.1", globals())  # this notebook's and upstream parameters
 start = time.perf_counter()
 sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 seconds["3.2 model (loaded or trained)"] = time.perf_counter() - start
@@ -286,6 +286,11 @@ seconds["the seed's reward model (trained or loaded)"] = time.perf_counter() - s
 start = time.perf_counter()
 rm, rm_history = reward_model(cache_dir, recipe, device=dev, log=None)  # PPO's, in 3.3.2
 seconds["PPO's reward model (trained or loaded)"] = time.perf_counter() - start
+
+# %% [markdown]
+# The four scorers side by side on the held-out pairs:
+
+# %% tags=["trained-figures"]
 facts = "image + facts" if recipe.rm_factual else "image only"
 rm_name = f"reward model, {recipe.rm_pooling} head, {facts} (PPO's)"
 accuracy, rm_chosen, rm_rejected = heldout_accuracy(rm)
@@ -308,14 +313,30 @@ half = len(heldout_data) ** 0.5
 print(f"({len(heldout_data)} held-out pairs: one standard error of an accuracy near 0.5 is "
       f"about {0.5 / half:.3f})")
 
+# %% [markdown]
+# The Bradley-Terry loss written out, on the held-out scores of PPO's reward model just
+# computed: the model says the chosen reply wins with probability σ(r_c − r_r), and the loss
+# is the mean of −log of that probability, ln 2 ≈ 0.693 for a model that scores both replies
+# alike. (It can sit above ln 2 while most pairs are ranked right: these scores are whole-reply
+# log-likelihoods, so one pair ranked the wrong way round can cost several nats.) It must equal
+# the package's `bradley_terry_loss`:
+
+# %% tags=["trained-figures"]
+r_c, r_r = rm_chosen.double(), rm_rejected.double()
+p_chosen_wins = 1 / (1 + torch.exp(-(r_c - r_r)))  # σ(r_c − r_r)
+bt_by_hand = -torch.log(p_chosen_wins).mean()
+bt_package = bradley_terry_loss(rm_chosen, rm_rejected)
+assert torch.allclose(bt_by_hand, bt_package.double(), rtol=1e-5, atol=1e-6)
+print(f"held-out Bradley-Terry loss: written out {float(bt_by_hand):.4f}, "
+      f"bradley_terry_loss {float(bt_package):.4f}")
+
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
 for name, history in (("the seed's (last token)", plain_history), ("PPO's", rm_history)):
     steps = [r["step"] for r in history]
-    window = max(1, len(steps) // 10)
     for ax, key in zip(axes, ("loss", "accuracy")):
-        values = np.convolve([r[key] for r in history], np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], values, label=name)
+        ax.plot(*moving_average([r[key] for r in history], max(1, len(steps) // 10), steps),
+                label=name)
 axes[0].axhline(np.log(2), color="grey", lw=0.5, ls="--")
 axes[0].set(xlabel="step", ylabel="Bradley-Terry loss", title="Reward model training (ln 2 dashed)")
 axes[1].set(xlabel="step", ylabel="pair accuracy (training batches)",

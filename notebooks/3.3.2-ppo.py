@@ -43,34 +43,24 @@
 seed = 0  # random seed for rollouts, minibatches and initialisation
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.3.2.json
+output_dir = "../build/interactive"  # the runner sets it; metrics go to
+#   output_dir/metrics/3.3.2.json
 cache_dir = "../.cache"  # shared artifacts (3.2's model, 3.3.1's reward model, this PPO policy)
-tokenizer_scenes = 2000  # the world's BPE (as in 3.0 to 3.2)
-clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.2 to reuse its cached model)
-clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
-clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
-lm_scenes = 20000  # the text-only LM recipe of 3.2
-lm_steps = 2000  # steps of the text-only LM recipe
-sft_train_scenes = 3000  # 3.2's instruction data (its train_scenes)
-sft_stage1_steps = 300  # 3.2's stage 1 steps
-sft_stage2_steps = 2400  # 3.2's stage 2 steps
-sft_batch_size = 32  # 3.2's batch size
-sft_merge_patches = 2  # 3.2's merge_patches (patches per vision token, per side)
-annotator_hallucination_rate = 1.0  # 3.3.1's starting model: that share of 3.2's long-form records machine-written (0: 3.2's own model)
-preference_scenes = 400  # 3.3.1's preference scenes (its prompts are PPO's prompts too)
-samples = 4  # 3.3.1's replies per question
-max_new_tokens = 32  # longest sampled reply, in tokens (rollouts too)
-pairs = "all"  # 3.3.1's pairing of replies
-rm_steps = 200  # 3.3.1's reward model steps
-rm_lr = 1e-4  # 3.3.1's reward model learning rate
+upstream = "default"  # the book.toml profile whose 3.2 and 3.3.1 parameters made the models this
+#   notebook starts from (the runner passes the profile it runs)
+upstream_changes = {}  # upstream parameters changed from that profile, e.g. {"rm_steps": 400}
+#   (the runner passes its -p options here)
 ppo_iterations = 60  # PPO rounds (rollout, then updates)
 ppo_batch_size = 64  # questions per rollout
 ppo_lr = 5e-5  # PPO learning rate (policy, value head)
 ppo_kl_coef = 0.1  # initial β of the KL penalty (adaptive, target 1 nat per answer)
-ppo_score_norm = True  # reward-model scores whitened by their running mean and std (a log-likelihood reward is unbounded)
+ppo_score_norm = True  # reward-model scores whitened by their running mean and std (a
+#   log-likelihood reward is unbounded)
 test_scenes = 60  # 3.2's held-out scenes, for the final evaluation
-sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
-preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train the reward model on instead of 3.3.1's pairs
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference
+#   instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) to train the
+#   reward model on instead of 3.3.1's pairs
 image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
 
 # %% [markdown]
@@ -86,10 +76,10 @@ from companion.book import write_metrics
 from companion.losses.ppo import gae, reward_with_kl, whiten
 from companion.ppo import (PolicyWithValueHead, reference_reply_logps, reply_logps_values,
                            rollout)
-from companion.plots import plot_paired_changes
+from companion.plots import moving_average, plot_paired_changes
 from companion.preference import score_replies
 from companion.rlhf import (evaluate_policy, headline_changes, heldout_prompts, ppo_policy,
-                            recipe_from_parameters, reward_model, rlhf_prompts, run_ppo,
+                            notebook_recipe, reward_model, rlhf_prompts, run_ppo,
                             scene_facts, sft_model, versus_reference_model)
 from companion.runtime import setup
 
@@ -97,7 +87,7 @@ from companion.runtime import setup
 dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 seconds = {}
-recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
+recipe = notebook_recipe("3.3.2", globals())  # this notebook's and upstream parameters
 start = time.perf_counter()
 sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 reward, _ = reward_model(cache_dir, recipe, device=dev, log=None)
@@ -116,7 +106,8 @@ texts = [p["prompt"] for p in prompts]
 
 # %% tags=["nbval-ignore-output"]
 policy = PolicyWithValueHead(sft)
-batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], max_new_tokens, seed=seed)
+batch = rollout(policy, tokenizer, texts, pixels, train_rows[:8], recipe.max_new_tokens,
+                seed=seed)
 with torch.no_grad():
     logps, values = reply_logps_values(policy, batch)
     ref_logps = reference_reply_logps(sft, batch)
@@ -132,6 +123,12 @@ tokens = [tokenizer.decode([t]) for t in batch.input_ids[row, batch.prompt_lengt
 print(f"question: {texts[batch.prompt_rows[row]].replace(chr(10), ' ')}\nanswer:   "
       f"{batch.texts[row]}\nreward model score {float(scores[row]):+.3f}; "
       f"KL per token (policy = reference): max |kl| {float(kl.abs().max()):.1e}")
+
+# %% [markdown]
+# Its per-token rewards and advantages: the reward model's score sits on the last token,
+# and GAE carries it back over the whole answer.
+
+# %% tags=["nbval-ignore-output"]
 fig, ax = plt.subplots(figsize=(11, 3))
 ax.bar(range(n), rewards[row, :n], label="per-token reward")
 ax.plot(range(n), advantages[row, :n], "o-", color="C1", label="GAE advantage (λ = 0.95)")
@@ -141,6 +138,28 @@ ax.set_xticks(range(n), tokens, rotation=60, fontsize=7)
 ax.set(xlabel="answer token", ylabel="value", title="Rewards and advantages of one sampled answer")
 ax.legend(fontsize=8)
 plt.show()
+
+# %% [markdown]
+# GAE written out for those eight answers, one row at a time from the last token back:
+# δ_t = r_t + γ·V_{t+1} − V_t (the value after the answer's last token is 0), then
+# A_t = δ_t + γλ·A_{t+1}, and the value head's target, the return, is A_t + V_t. It must
+# equal the package's `gae`, padding included (0 there):
+
+# %% tags=["nbval-ignore-output"]
+gamma, lam = 1.0, 0.95
+adv_by_hand = torch.zeros_like(rewards)
+for r in range(rewards.shape[0]):
+    next_value, next_advantage = 0.0, 0.0
+    for t in reversed(range(int(batch.reply_mask[r].sum()))):
+        delta = rewards[r, t] + gamma * next_value - values[r, t]
+        adv_by_hand[r, t] = next_advantage = delta + gamma * lam * next_advantage
+        next_value = values[r, t]
+returns_by_hand = (adv_by_hand + values) * batch.reply_mask
+assert torch.allclose(adv_by_hand, advantages, atol=1e-5)
+assert torch.allclose(returns_by_hand, returns, atol=1e-5)
+largest = float((adv_by_hand - advantages).abs().max())
+print(f"GAE written out = gae(): largest difference {largest:.1e} "
+      f"over {int(batch.reply_mask.sum())} tokens")
 
 # %% [markdown]
 # ## PPO against the reward model
@@ -188,9 +207,7 @@ fig, axes = plt.subplots(2, 3, figsize=(14, 6))
 window = max(1, ppo_iterations // 10)
 for ax, (key, label) in zip(axes.flat, panels):
     for name, rows in ((f"β adaptive from {ppo_kl_coef}", history), ("β = 0", free_history)):
-        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
-        smooth = values.unfold(0, window, 1).mean(1) if len(values) >= window else values
-        ax.plot(range(len(values) - len(smooth) + 1, len(values) + 1), smooth, label=name)
+        ax.plot(*moving_average([r[key] for r in rows], window), label=name)
     ax.set(xlabel="PPO iteration", ylabel=label, title=label)
 axes[0, 0].legend(fontsize=8)
 fig.suptitle(f"PPO on the rollouts (moving average of {window} iterations)")

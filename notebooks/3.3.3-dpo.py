@@ -29,40 +29,26 @@
 seed = 0  # random seed for batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.3.3.json
+output_dir = "../build/interactive"  # the runner sets it; metrics go to
+#   output_dir/metrics/3.3.3.json
 cache_dir = "../.cache"  # shared artifacts (3.2's model, 3.3.1's data, 3.3.2's PPO policy)
-tokenizer_scenes = 2000  # the world's BPE (as in 3.0 to 3.2)
-clip_train_scenes = 8000  # the 3.1.1 CLIP recipe (must match 3.2 to reuse its cached model)
-clip_steps = 1800  # steps of the 3.1.1 CLIP recipe
-clip_batch_size = 64  # batch size of the 3.1.1 CLIP recipe
-lm_scenes = 20000  # the text-only LM recipe of 3.2
-lm_steps = 2000  # steps of the text-only LM recipe
-sft_train_scenes = 3000  # 3.2's instruction data (its train_scenes)
-sft_stage1_steps = 300  # 3.2's stage 1 steps
-sft_stage2_steps = 2400  # 3.2's stage 2 steps
-sft_batch_size = 32  # 3.2's batch size
-sft_merge_patches = 2  # 3.2's merge_patches (patches per vision token, per side)
-annotator_hallucination_rate = 1.0  # 3.3.1's starting model: that share of 3.2's long-form records machine-written (0: 3.2's own model)
-preference_scenes = 400  # 3.3.1's preference scenes
-samples = 4  # 3.3.1's replies per question
-max_new_tokens = 32  # 3.3.1's longest sampled reply
-pairs = "all"  # 3.3.1's pairing of replies
-rm_steps = 200  # 3.3.1's reward model steps (the comparison scores answers with it)
-rm_lr = 1e-4  # 3.3.1's reward model learning rate
-ppo_iterations = 60  # 3.3.2's PPO run (loaded from the cache for the comparison)
-ppo_batch_size = 64  # 3.3.2's questions per rollout
-ppo_lr = 5e-5  # 3.3.2's PPO learning rate
-ppo_kl_coef = 0.1  # 3.3.2's initial β
+upstream = "default"  # the book.toml profile whose 3.2, 3.3.1 and 3.3.2 parameters made the
+#   models this notebook starts from and compares (the runner passes the profile it runs)
+upstream_changes = {}  # upstream parameters changed from that profile, e.g. {"ppo_iterations": 120}
+#   (the runner passes its -p options here)
 dpo_beta = 0.1  # β of the DPO loss (strength of the pull towards the reference)
 dpo_lr = 3e-5  # DPO learning rate
 dpo_steps = 300  # DPO optimiser steps
 dpo_batch_size = 16  # preference pairs per step
 ipo_beta = 1.0  # β of the IPO run (its target margin is 1/(2β) in per-token log-ratio)
 test_scenes = 60  # 3.2's held-out scenes, for the final comparison
-sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference instead of 3.2's model
-preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of 3.3.1's judge-labelled pairs
+sft_checkpoint = ""  # a LLaVA checkpoint (hub id or folder) as the starting policy and reference
+#   instead of 3.2's model
+preference_json = ""  # a preference JSON (TRL fields prompt/chosen/rejected/images) instead of
+#   3.3.1's judge-labelled pairs
 image_folder = ""  # where preference_json's image paths are resolved (default: its folder)
-lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of this rank instead (needs peft)
+lora_rank = 0  # 0: DPO and IPO tune the LM's weights; > 0: LoRA adapters of this rank instead
+#   (needs peft)
 
 # %% [markdown]
 # ## Setup
@@ -72,13 +58,15 @@ import copy
 import time
 
 import matplotlib.pyplot as plt
+import torch
 
 from companion.book import write_metrics
-from companion.dpo import DPOConfig, train_dpo
+from companion.dpo import DPOConfig, reply_logps, train_dpo
+from companion.losses.preference import dpo_loss
 from companion.lora import LoraSettings, add_lora, merge_lora
-from companion.plots import plot_dpo_losses, plot_paired_changes
+from companion.plots import moving_average, plot_dpo_losses, plot_paired_changes
 from companion.rlhf import (evaluate_policy, headline_changes, heldout_prompts, ppo_policy,
-                            preference_data, preference_records, recipe_from_parameters,
+                            preference_data, preference_records, notebook_recipe,
                             reward_model, rlhf_prompts, sft_model, versus_reference_model)
 from companion.runtime import setup
 from companion.stages import set_trainable
@@ -88,7 +76,14 @@ from companion.widgets import dpo_beta_slider
 dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 seconds = {}
-recipe = recipe_from_parameters(globals())  # this notebook's parameters, by name
+
+# %% [markdown]
+# The SFT model, both the policy's starting point and its frozen reference, and 3.3.1's
+# preference pairs as token ids, each loaded from the cache (or made now, when this notebook
+# runs alone):
+
+# %% tags=["trained-figures"]
+recipe = notebook_recipe("3.3.3", globals())  # this notebook's and upstream parameters
 start = time.perf_counter()
 sft, processor, tokenizer = sft_model(cache_dir, recipe, device=dev, log=None)
 records = preference_records(cache_dir, recipe, device=dev, log=None)
@@ -154,6 +149,24 @@ def dpo_run(loss_type, beta):
 dpo_vlm, dpo_history = dpo_run("sigmoid", dpo_beta)
 ipo_vlm, ipo_history = dpo_run("ipo", ipo_beta)
 
+# %% [markdown]
+# The DPO loss written out, on sixteen training pairs and the policy just trained: h is how
+# much more the policy than the reference prefers the chosen reply to the rejected one, in
+# summed log-probs of the reply tokens, and the loss is −log σ(β·h) = log(1 + e^(−β·h)),
+# averaged. It must equal the package's `dpo_loss` on the same log-probs:
+
+# %% tags=["trained-figures"]
+pairs_batch = train_data.batch(range(min(16, len(train_data))), tokenizer.pad_token_id)
+with torch.no_grad():
+    pi, ref = reply_logps(dpo_vlm.eval(), pairs_batch), reply_logps(sft.eval(), pairs_batch)
+n_pairs = pairs_batch["n_pairs"]
+h = (pi[:n_pairs] - ref[:n_pairs]) - (pi[n_pairs:] - ref[n_pairs:])
+dpo_by_hand = torch.log1p(torch.exp(-dpo_beta * h.double())).mean()
+dpo_package = dpo_loss(pi[:n_pairs], pi[n_pairs:], ref[:n_pairs], ref[n_pairs:], beta=dpo_beta)
+assert torch.allclose(dpo_by_hand, dpo_package.double(), rtol=1e-5, atol=1e-6)
+print(f"DPO loss on {n_pairs} training pairs: written out {float(dpo_by_hand):.4f}, "
+      f"dpo_loss {float(dpo_package):.4f} (ln 2 = 0.6931 at the start, when h = 0)")
+
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
 window = max(1, dpo_steps // 15)
@@ -161,13 +174,11 @@ window = max(1, dpo_steps // 15)
 
 def smooth(history, key):
     steps, values = history.series(key)
-    kernel = [1 / window] * window
-    out = [sum(k * v for k, v in zip(kernel, values[i:i + window]))
-           for i in range(len(values) - window + 1)]
-    return steps[window - 1:], out
+    return moving_average(values, window, steps)
 
 
-for name, history in ((f"DPO (β = {dpo_beta})", dpo_history), (f"IPO (β = {ipo_beta})", ipo_history)):
+for name, history in ((f"DPO (β = {dpo_beta})", dpo_history),
+                      (f"IPO (β = {ipo_beta})", ipo_history)):
     axes[0].plot(*smooth(history, "loss"), label=name)
     axes[1].plot(*smooth(history, "reward_accuracy"), label=name)
 steps, chosen = smooth(dpo_history, "chosen_reward")

@@ -45,7 +45,8 @@
 seed = 0  # random seed for data, initialisation and batches
 device = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
 threads = 2  # CPU threads for torch (fixed so the printed numbers are reproducible)
-output_dir = "../build/interactive"  # the runner sets it; metrics go to output_dir/metrics/3.4.json
+output_dir = "../build/interactive"  # the runner sets it;
+#   metrics go to output_dir/metrics/3.4.json
 cache_dir = "../.cache"  # the pipeline's run folder is cache_dir/pipeline (a rerun resumes there)
 tokenizer_scenes = 2000  # scenes whose text trains the world's BPE
 clip_scenes = 4000  # image-caption pairs of the vision stage
@@ -62,23 +63,28 @@ lm_epochs = 3.2  # lm stage: passes over the text
 stage1_lr = 1e-3  # stage 1: peak learning rate (LLaVA-1.5: 1e-3)
 stage1_batch_size = 16  # stage 1: batch size (LLaVA-1.5: 256)
 stage1_epochs = 1.0  # stage 1: passes over the description records (LLaVA-1.5: 1)
-stage2_lr = 2e-3  # stage 2: peak learning rate (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
+stage2_lr = 2e-3  # stage 2: peak learning rate
+#   (LLaVA-1.5: 2e-5 for a 7B LM; a tiny LM takes more)
 stage2_batch_size = 16  # stage 2: batch size (LLaVA-1.5: 128)
 stage2_epochs = 0.5  # stage 2: passes over the instruction records (LLaVA-1.5: 1)
 dpo_lr = 3e-5  # DPO stage: peak learning rate
 dpo_batch_size = 16  # DPO stage: preference pairs per batch
 dpo_epochs = 1.0  # DPO stage: passes over the preference pairs
 dpo_beta = 0.1  # DPO stage: strength of the pull towards the stage-2 model
-warmup_fraction = 0.03  # warmup of the LLaVA stages, as a fraction of their steps (LLaVA-1.5: 3%)
+warmup_fraction = 0.03  # warmup of the LLaVA stages, as a fraction of their steps
+#   (LLaVA-1.5: 3%)
 run_tricks = True  # run the four training-trick experiments after the pipeline
-vision_lr_scales = [0.1, 1.0]  # trick 2: vision learning rate as a multiple of stage 2's (frozen is the control)
+vision_lr_scales = [0.1, 1.0]  # trick 2: vision learning rate as a multiple of stage 2's
+#   (frozen is the control)
 dropped_task = "counting"  # trick 3: the task type left out of stage 2's mix
 clean_fraction = 0.25  # trick 4: the small clean set keeps this fraction of the scenes
 noisy_fraction = 0.5  # trick 4: the large set shows the wrong image in this fraction of records
 retrieval_scenes = 300  # held-out scenes for CLIP retrieval with a tuned vision tower (trick 2)
 max_new_tokens = 48  # longest generated answer, in tokens
-clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) as the vision stage: loaded, not trained
-lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) as the lm stage: loaded, not trained
+clip_checkpoint = ""  # a CLIP checkpoint (hub id or folder) as the vision stage:
+#   loaded, not trained
+lm_checkpoint = ""  # a causal LM checkpoint (with its tokenizer) as the lm stage:
+#   loaded, not trained
 
 # %% [markdown]
 # ## Setup: the stage table
@@ -95,12 +101,12 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 from companion.book import write_metrics
 from companion.clip import build_caption_data
 from companion.evaluate import paired_difference, verdict
-from companion.pipeline import (LLAVA15_STAGES, config_from_parameters, evaluate_stage,
-                                run_pipeline, stage_records)
+from companion.pipeline import (config_from_parameters, evaluate_stage, run_pipeline,
+                                stage_records, stage_table)
 from companion.plots import plot_curves, plot_task_accuracy
 from companion.rlhf import versus_reference_model
 from companion.runtime import setup
-from companion.tricks import vision_alignment, vision_drift
+from companion.tricks import compare_arm, vision_alignment, vision_drift
 from companion.vlm import load_vlm
 from companion.world import TASK_TYPES, make_instruction_dataset, make_scenes
 
@@ -109,13 +115,7 @@ dev = setup(seed=seed, device=device, threads=threads)
 metrics = {}
 config = config_from_parameters(globals())
 run_dir = f"{cache_dir}/pipeline"
-published = {s.name: s for s in LLAVA15_STAGES}
-print(f"{'stage':>7} {'trains':>16} {'lr':>8} {'batch':>6} {'epochs':>7}   LLaVA-1.5 (lr, batch, epochs)")
-for s in config.stages:
-    p = published[s.name]
-    llava = f"{p.lr:.0e}, {p.batch_size}, {p.epochs:g}" if s.name in ("stage1", "stage2") else "-"
-    print(f"{s.name:>7} {' + '.join(s.trains):>16} {s.lr:>8.0e} {s.batch_size:>6} "
-          f"{s.epochs:>7g}   {llava}")
+print(stage_table(config))  # LLaVA-1.5's published settings beside the two LLaVA stages
 
 # %% [markdown]
 # ## The chain, run as one
@@ -145,7 +145,8 @@ print(f"whole chain: {pipeline_seconds:.0f} s; per stage: "
 # %%
 start = time.perf_counter()
 again = run_pipeline(config, run_dir, device=dev, log=None)
-print("rerun:", ", ".join(f"{s.name} {'loaded' if not s.built else 'TRAINED'}" for s in again.stages),
+print("rerun:",
+      ", ".join(f"{s.name} {'loaded' if not s.built else 'TRAINED'}" for s in again.stages),
       f"in {time.perf_counter() - start:.1f} s")
 print("stage folders:", [s.folder.name for s in again.stages])
 
@@ -158,10 +159,8 @@ print("stage folders:", [s.folder.name for s in again.stages])
 # %%
 fig, axes = plt.subplots(1, 5, figsize=(17, 3.2))
 for ax, stage in zip(axes, result.stages):
-    history = stage.history()
-    key = "loss"
-    plot_curves({stage.name: ([r["step"] for r in history], [r[key] for r in history])},
-                f"{stage.name}: {' + '.join(config.stage(stage.name).trains)}", ylabel=key,
+    plot_curves({stage.name: stage.curve("loss")},
+                f"{stage.name}: {' + '.join(config.stage(stage.name).trains)}", ylabel="loss",
                 ax=ax, smooth=10)
 plt.show()
 
@@ -230,18 +229,9 @@ def run_arm(name, arm_config):
 
 def compare(trick, name, note=""):
     """One row of the tricks table: the arm against the control, paired."""
-    acc = paired_difference(control, trick_scores[name], "correct")
-    hal = paired_difference(control, trick_scores[name], "hallucinated")
-    row = {"trick": trick, "arm": name, "note": note,
-           "mean_task_accuracy": trick_scores[name].mean_task_accuracy(),
-           "accuracy": acc["arm"], "accuracy_change": acc["difference"], "accuracy_se": acc["se"],
-           "hallucination": hal["arm"], "hallucination_change": hal["difference"],
-           "hallucination_se": hal["se"],
-           "verdict": verdict(acc["difference"], acc["se"])}
+    row, line = compare_arm(control, trick_scores[name], trick, name, note)
     trick_rows.append(row)
-    print(f"{name}: answers correct {acc['control']:.3f} -> {acc['arm']:.3f} "
-          f"({acc['difference']:+.3f} ± {acc['se']:.3f}), hallucinating {hal['control']:.3f} -> "
-          f"{hal['arm']:.3f} ({hal['difference']:+.3f} ± {hal['se']:.3f}): {row['verdict']}")
+    print(line)
     return row
 
 
@@ -263,14 +253,10 @@ if run_tricks:
     all_at_once = pipeline_upto_stage2.without_stage("stage1").with_stage(
         "stage2", epochs=(s1.steps + s2.steps) * stage2.batch_size / s2.examples)
     arm = run_arm("all at once", all_at_once)
-    compare("progressive unfreezing", "all at once", f"{arm.stage('stage2').steps} steps, no stage 1")
-    curve = arm.stage("stage2").history()
-    control_curve = s2.history()
-    fig = plot_curves({"all at once (projector + LM from step 1)":
-                       ([r["step"] for r in curve], [r["loss"] for r in curve]),
-                       "progressive (stage 2, after stage 1)":
-                       ([r["step"] + s1.steps for r in control_curve],
-                        [r["loss"] for r in control_curve])},
+    compare("progressive unfreezing", "all at once",
+            f"{arm.stage('stage2').steps} steps, no stage 1")
+    fig = plot_curves({"all at once (projector + LM from step 1)": arm.stage("stage2").curve(),
+                       "progressive (stage 2, after stage 1)": s2.curve(step_offset=s1.steps)},
                       "Stage-2 loss: progressive against all at once",
                       xlabel="optimiser step (stage 1 + stage 2)", ax=None, smooth=20)
     plt.show()
@@ -335,7 +321,8 @@ if run_tricks:
     control_table, arm_table = control.by_task(), trick_scores[name].by_task()
     print(f"\n{'task':>12} {'full mix':>9} {name:>20}")
     for task in control_table:
-        print(f"{task:>12} {control_table[task]['accuracy']:>9.2f} {arm_table[task]['accuracy']:>20.2f}")
+        print(f"{task:>12} {control_table[task]['accuracy']:>9.2f} "
+              f"{arm_table[task]['accuracy']:>20.2f}")
     metrics["mixing_by_task"] = {task: {"full": control_table[task]["accuracy"],
                                         "dropped": arm_table[task]["accuracy"]}
                                  for task in control_table}
@@ -358,7 +345,8 @@ if run_tricks:
 
 # %% tags=["nbval-ignore-output"]
 if run_tricks:
-    clean, noisy = f"clean {clean_fraction:.0%} of scenes", f"all scenes, {noisy_fraction:.0%} wrong images"
+    clean = f"clean {clean_fraction:.0%} of scenes"
+    noisy = f"all scenes, {noisy_fraction:.0%} wrong images"
     run_arm(clean, pipeline_upto_stage2.with_stage(
         "stage2", scene_fraction=clean_fraction, epochs=stage2.epochs / clean_fraction))
     noisy_config = pipeline_upto_stage2.with_stage("stage2", image_noise=noisy_fraction)
@@ -368,10 +356,10 @@ if run_tricks:
     compare("quality over quantity", clean, "equal steps")
     compare("quality over quantity", noisy, f"{n_noisy} of {len(noisy_records)} records mismatched")
     head_to_head = paired_difference(trick_scores[noisy], trick_scores[clean])
-    print(f"\nsmall clean against large noisy: answers correct {head_to_head['control']:.3f} (noisy) "
-          f"-> {head_to_head['arm']:.3f} (clean), {head_to_head['difference']:+.3f} ± "
-          f"{head_to_head['se']:.3f}: {verdict(head_to_head['difference'], head_to_head['se'])} "
-          "for the clean set")
+    print(f"\nsmall clean against large noisy: answers correct "
+          f"{head_to_head['control']:.3f} (noisy) -> {head_to_head['arm']:.3f} (clean), "
+          f"{head_to_head['difference']:+.3f} ± {head_to_head['se']:.3f}: "
+          f"{verdict(head_to_head['difference'], head_to_head['se'])} for the clean set")
     metrics["clean_minus_noisy"] = head_to_head
 
 # %% [markdown]
@@ -389,8 +377,10 @@ if run_tricks:
           f"{'':>15} {control.hallucination_rate():>14.3f}")
     for row in trick_rows:
         print(f"{row['trick']:>24} {row['arm']:>28} {row['accuracy']:>8.3f} "
-              f"{row['accuracy_change']:>+8.3f} ± {row['accuracy_se']:.3f} {row['hallucination']:>14.3f} "
-              f"{row['hallucination_change']:>+8.3f} ± {row['hallucination_se']:.3f}  {row['verdict']}")
+              f"{row['accuracy_change']:>+8.3f} ± {row['accuracy_se']:.3f} "
+              f"{row['hallucination']:>14.3f} "
+              f"{row['hallucination_change']:>+8.3f} ± {row['hallucination_se']:.3f}  "
+              f"{row['verdict']}")
     metrics["tricks"] = trick_rows
     fig, ax = plt.subplots(figsize=(9, 3.4))
     labels = [row["arm"] for row in trick_rows]

@@ -25,7 +25,8 @@
 seed = 0  # unused here (nothing is random); kept so every chapter takes the same parameters
 device = "auto"  # unused here (nothing is trained); kept for the same reason
 threads = 2  # unused here
-output_dir = "../build/interactive"  # the run whose metrics are summarised (and where 3.5.json goes)
+output_dir = "../build/interactive"  # the run whose metrics are summarised
+#   (and where 3.5.json goes)
 cache_dir = "../.cache"  # unused here
 book_file = "../book.toml"  # the book whose chapters and gpu profile the run guide lists
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from companion.book import load_book, write_metrics
+from companion.plots import plot_model_path
 from companion.summary import load_chapter_metrics, metric_at, summary_rows
 
 # %matplotlib inline
@@ -57,7 +59,8 @@ rows = summary_rows(metrics_dir)
 previous = None
 for row in rows:
     if row["stage"] != previous:
-        print(f"\n{row['stage']}\n  goal: {row['goal']}; data: {row['data']}; trains: {row['trains']}")
+        print(f"\n{row['stage']}\n  goal: {row['goal']}; data: {row['data']}; "
+              f"trains: {row['trains']}")
         previous = row["stage"]
     print(f"    {row['measure']:<52} {row['shown']:>7}   ({row['source']})")
 measured = sum(row["value"] is not None for row in rows)
@@ -108,8 +111,10 @@ path = [("assembled (3.2)", "3.2", "before_mean_task_accuracy", "before_hallucin
         ("stage 2 (3.2)", "3.2", "stage2_mean_task_accuracy", "stage2_hallucination_rate"),
         ("machine-written SFT (3.3)", "3.3.3", "heldout/SFT/mean_task_accuracy",
          "heldout/SFT/hallucination_rate"),
-        ("PPO (3.3.2)", "3.3.2", "heldout/PPO/mean_task_accuracy", "heldout/PPO/hallucination_rate"),
-        ("DPO (3.3.3)", "3.3.3", "heldout/DPO/mean_task_accuracy", "heldout/DPO/hallucination_rate")]
+        ("PPO (3.3.2)", "3.3.2", "heldout/PPO/mean_task_accuracy",
+         "heldout/PPO/hallucination_rate"),
+        ("DPO (3.3.3)", "3.3.3", "heldout/DPO/mean_task_accuracy",
+         "heldout/DPO/hallucination_rate")]
 points = []
 for label, chapter, accuracy, hallucination in path:
     if loaded.get(chapter) is None:
@@ -120,18 +125,7 @@ for label, chapter, accuracy, hallucination in path:
     print(f"{label:>25}: mean task accuracy {points[-1][1]:.3f}, "
           f"hallucination rate {points[-1][2]:.3f}")
 if points:
-    fig, ax = plt.subplots(figsize=(10, 3.4))
-    xs = range(len(points))
-    ax.plot(xs, [p[1] for p in points], marker="o", label="mean task accuracy")
-    ax.plot(xs, [p[2] for p in points], marker="s", label="hallucination rate")
-    ax.set_xticks(list(xs), [p[0] for p in points])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("model (chapter)")
-    ax.set_ylabel("rate on held-out records")
-    ax.set_title("3.2's recipe through instruction tuning and preference tuning")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = plot_model_path(points, "3.2's recipe through instruction tuning and preference tuning")
     plt.show()
 
 # %% [markdown]

@@ -11,7 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/bootstrap.sh test
 export PYTHONHASHSEED=0
-python -m ruff check companion tests benchmarks conftest.py
+python -m ruff check companion tests benchmarks conftest.py notebooks
 # pytest exits 5 when a -k filter leaves a step with nothing to run: that step passes
 run() { python -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] || exit "$rc"; }; }
 run -n 2 --dist loadfile -m "not notebook and not browser" tests "$@"

@@ -21,7 +21,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from companion.book import load_book, parse_parameters_source, run_chapters
+from companion.book import (chapter_parameters, load_book, parse_parameters_source,
+                            resolve_parameters, run_chapters)
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = load_book(ROOT / "book.toml")
@@ -261,32 +262,39 @@ def test_rlhf_notebooks_run_with_the_seeds_reward_model(tmp_path):
 
 
 def _chapter_parameters(chapter_id: str, profile: str) -> dict:
-    import ast
-
-    nb = nbformat.read(CHAPTERS[chapter_id].notebook, as_version=4)
-    specs = parse_parameters_source(code_cells(nb)[0].source)
-    values = {name: ast.literal_eval(spec["default"]) for name, spec in specs.items()}
-    values.update(BOOK.profiles[profile].parameters_for(chapter_id))
-    return values
+    """A chapter's parameters as the runner runs it under ``profile`` (``upstream`` too)."""
+    return {**chapter_parameters(BOOK, chapter_id, profile),
+            **resolve_parameters(BOOK, BOOK.chapter(chapter_id), profile, {})}
 
 
 def test_notebook_3_2_builds_the_recipe_the_package_builds_from_its_parameters():
-    """Until notebook 3.2 calls ``instruction.recipe_from_parameters`` itself (its next
-    re-execution), its cell spells the recipe out: every field it sets must be one of
-    ``NOTEBOOK_PARAMETERS``, from the parameter of the same name, and none may be missing."""
+    """Notebook 3.2 builds its recipe once, with ``instruction.recipe_from_parameters(globals())``
+    (never spelled out by hand), and its parameters cell declares every name of
+    ``NOTEBOOK_PARAMETERS``: a name dropped from the cell would silently take the recipe's
+    default, and with it another cache key than the later sections load."""
     import ast
 
     from companion.instruction import NOTEBOOK_PARAMETERS
 
-    source = Path(CHAPTERS["3.2"].notebook).with_suffix(".py").read_text(encoding="utf-8")
-    source = "\n".join(line for line in source.splitlines()  # no IPython magics
+    text = Path(CHAPTERS["3.2"].notebook).with_suffix(".py").read_text(encoding="utf-8")
+    source = "\n".join(line for line in text.splitlines()  # no IPython magics
                        if not line.lstrip().startswith(("%", "!")))
-    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
-             and getattr(node.func, "id", None) == "InstructionRecipe"]
-    assert len(calls) == 1, "notebook 3.2 should build one InstructionRecipe"
-    keywords = {k.arg: k.value for k in calls[0].keywords}
-    assert set(keywords) == set(NOTEBOOK_PARAMETERS)
-    assert all(isinstance(v, ast.Name) and v.id == k for k, v in keywords.items())
+    calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)]
+
+    def called(node):
+        return getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+
+    assert not [c for c in calls if called(c) == "InstructionRecipe"], (
+        "notebook 3.2 spells its recipe out; build it with recipe_from_parameters(globals())")
+    built = [c for c in calls if called(c) == "recipe_from_parameters"]
+    assert len(built) == 1, "notebook 3.2 should build its recipe with one recipe_from_parameters"
+    assert [ast.unparse(a) for a in built[0].args] == ["globals()"] and not built[0].keywords
+    cells = re.split(r"^# %%", text, flags=re.MULTILINE)
+    parameters = [c for c in cells if c.startswith(' tags=["parameters"]')]
+    assert len(parameters) == 1, "notebook 3.2 should have one parameters cell"
+    declared = parse_parameters_source(parameters[0].split("\n", 1)[1])
+    missing = [name for name in NOTEBOOK_PARAMETERS if name not in declared]
+    assert not missing, f"notebook 3.2's parameters cell no longer declares {missing}"
 
 
 @pytest.mark.parametrize("profile", ["default", "smoke", "gpu"])
@@ -295,9 +303,9 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
     parameters must make the same recipes, or each would silently retrain its own."""
     from companion.instruction import NOTEBOOK_PARAMETERS
     from companion.instruction import recipe_from_parameters as instruction_recipe_from_parameters
-    from companion.rlhf import recipe_from_parameters
+    from companion.rlhf import notebook_recipe
 
-    recipes = {c: recipe_from_parameters(_chapter_parameters(c, profile))
+    recipes = {c: notebook_recipe(c, _chapter_parameters(c, profile), BOOK)
                for c in ("3.3.1", "3.3.2", "3.3.3")}
     shared = ("sft", "seed", "scenes", "samples", "max_new_tokens", "pairs", "noise",
               "rm_pooling", "rm_factual", "rm_steps", "rm_lr", "rm_batch_size", "sft_checkpoint",
@@ -314,6 +322,26 @@ def test_rlhf_notebooks_share_their_cache_keys_with_each_other_and_with_3_2(prof
     clean = replace(recipes["3.3.1"].sft, annotator_hallucination_rate=0.0)
     assert clean == sft, "3.3.1 would not find the model 3.2 publishes"
     assert recipes["3.3.1"].sft.annotator_hallucination_rate > 0
+
+
+def test_rlhf_notebooks_follow_command_line_changes_of_the_chapters_before_them():
+    """``book run -p lm_steps=500 -p rm_steps=7`` changes 3.2's LM and 3.3.1's reward model:
+    3.3.2 and 3.3.3, which declare neither, must look for the models so made, and each 3.3
+    notebook must build its recipe through ``notebook_recipe`` under its own chapter id."""
+    from companion.rlhf import UPSTREAM_CHAPTERS, notebook_recipe
+
+    changes = {"lm_steps": 500, "rm_steps": 7, "dpo_steps": 2}
+    recipes = {}
+    for chapter_id in UPSTREAM_CHAPTERS:
+        params = {**chapter_parameters(BOOK, chapter_id, "default", changes),
+                  **resolve_parameters(BOOK, BOOK.chapter(chapter_id), "default", changes)}
+        recipes[chapter_id] = notebook_recipe(chapter_id, params, BOOK)
+        source = Path(CHAPTERS[chapter_id].notebook).with_suffix(".py").read_text("utf-8")
+        assert f'recipe = notebook_recipe("{chapter_id}", globals())' in source, chapter_id
+        assert {"upstream", "upstream_changes"} <= set(BOOK.declared[chapter_id]), chapter_id
+    for recipe in recipes.values():
+        assert recipe.sft.lm_steps == 500 and recipe.rm_steps == 7
+        assert recipe.sft == recipes["3.3.1"].sft
 
 
 @pytest.mark.notebook
