@@ -305,10 +305,11 @@ def resolve_parameters(
     params = book.profile(profile).parameters_for(chapter.id)
     declared = book.declared[chapter.id]
     params.update({k: v for k, v in overrides.items() if k in declared})
-    if "upstream" in declared:
-        params.setdefault("upstream", profile)
-    if "upstream_changes" in declared:
-        params.setdefault("upstream_changes", dict(overrides))
+    profile_name, changes_name = UPSTREAM_PARAMETERS
+    if profile_name in declared:
+        params.setdefault(profile_name, profile)
+    if changes_name in declared:
+        params.setdefault(changes_name, dict(overrides))
     run_dir = book.run_dir(profile)
     params["output_dir"] = str(run_dir)
     params["cache_dir"] = str(book.cache_dir)
